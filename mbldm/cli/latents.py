@@ -1,0 +1,50 @@
+"""mbldm latents build / info: encode a dataset once into a latent store (paper §4.2.1), or describe one."""
+from __future__ import annotations
+
+import argparse
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from mbldm.data.latent_store import build_latent_store, store_summary
+
+    out = build_latent_store(args.codec, args.data, args.resolution, args.out, shard_size=args.shard_size,
+                             batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
+                             progress=not args.quiet)
+    print(store_summary(out))
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from mbldm.data.latent_store import store_summary
+
+    print(store_summary(args.store))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``latents build`` and ``latents info`` to the ``mbldm`` parser."""
+    parser = subparsers.add_parser("latents", help="encode a dataset into a latent store; describe a store",
+                                   description=__doc__)
+    sub = parser.add_subparsers(dest="latents_command", metavar="ACTION", required=True)
+
+    build = sub.add_parser(
+        "build", help="encode an image folder or LSUN LMDB into a latent store (resumable)",
+        description="Resize each image's short side to R, centre-crop R x R, encode with the codec and write "
+        "memory-mapped index shards + sources.jsonl. Re-running an interrupted build with the same arguments "
+        "resumes it.")
+    build.add_argument("--codec", required=True, metavar="DIR", help="codec artifact folder (codec fit)")
+    build.add_argument("--data", required=True, metavar="DIR_OR_LMDB",
+                       help="image folder (recursive) or LMDB (folder holding data.mdb, or a .mdb file)")
+    build.add_argument("--resolution", required=True, type=int, metavar="R",
+                       help="image side after resize + centre crop; a multiple of the codec's patch size")
+    build.add_argument("--out", required=True, metavar="STORE", help="latent store folder to write")
+    build.add_argument("--shard-size", type=int, default=1024, metavar="S", help="images per shard (default 1024)")
+    build.add_argument("--batch-size", type=int, default=32, help="images per codec.encode call (default 32)")
+    build.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
+    build.add_argument("--overwrite", action="store_true", help="delete an existing store at STORE and rebuild")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=run_build)
+
+    info = sub.add_parser("info", help="print a one-line summary of a latent store")
+    info.add_argument("store", metavar="STORE", help="latent store folder")
+    info.set_defaults(func=run_info)

@@ -1,0 +1,61 @@
+"""``mbldm sample``: generate images from a training run (DDPM / DDIM, per-image seeds, optional refiner)."""
+from __future__ import annotations
+
+import argparse
+
+_DEFAULT_TIMES = "default"  # --trajectory without a value: sampling.TRAJECTORY_T (resolved lazily)
+
+
+def _times(text: str) -> list[int]:
+    """Parse ``1000,900,...,0`` into a list of ints."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one timestep")
+    return values
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from mbldm.diffusion.sampling import TRAJECTORY_T, sample
+
+    trajectory = list(TRAJECTORY_T) if args.trajectory == _DEFAULT_TIMES else args.trajectory
+    result = sample(args.run, args.num, out_dir=args.out, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                    seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
+                    refiner=args.refiner, use_ema=not args.no_ema, device=args.device, progress=not args.quiet,
+                    overwrite=args.overwrite, trajectory=trajectory)
+    s = result["summary"]
+    print(f"wrote {s['count']} images ({s['image_size'][0]}x{s['image_size'][1]}, {s['variant']}, {s['sampler']} "
+          f"{s['steps']} steps, {s['seconds']:.1f} s) to {args.out}; grid: {result['grid']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sample`` to the ``mbldm`` parser."""
+    p = subparsers.add_parser(
+        "sample", help="generate images from a training run",
+        description="Generate N images from a training run (EMA weights by default), decode them with the run's "
+        "codec and write img_000000.png ..., grid.png and samples.json. Image i depends only on seed + i (not on "
+        "the batch size). DDPM runs all T steps; DDIM runs S <= T steps.")
+    p.add_argument("--run", required=True, metavar="RUN", help="training run directory (mbldm train)")
+    p.add_argument("--num", required=True, type=int, metavar="N", help="number of images")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="reverse process (default ddim)")
+    p.add_argument("--steps", type=int, default=None, metavar="S",
+                   help="DDIM steps, 1 <= S <= T (default 50); DDPM always runs all T steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic, default)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed + i (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="GAMMA",
+                   help="categorical runs: z0 ~ softmax(logits / GAMMA) (Eq. 25), 0 = argmax (default 1)")
+    p.add_argument("--refiner", default=None, metavar="R",
+                   help="refiner directory (mbldm refiner train) applied after decoding; raw decodes go to DIR/raw")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default 16)")
+    p.add_argument("--trajectory", nargs="?", type=_times, const=_DEFAULT_TIMES, default=None, metavar="T,T,...",
+                   help="also write x_t and x0-estimate strips at these paper times to DIR/trajectory "
+                   "(default when given without a value: 1000,900,...,0 as in Fig. 7)")
+    p.add_argument("--no-ema", action="store_true", help="use the latest checkpoint's raw weights instead of EMA")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_sample)
