@@ -11,10 +11,11 @@ Writes (or replaces) the section "## Codec speed" of ``--out`` (default BENCHMAR
 the other sections. Without ``--codec`` an OPQ-32-8-8 codec is fitted on the spot on the McM images with
 ``--fit-max-patches`` patches per channel (the speed does not depend on how well it was fitted).
 
-Timing: every pipeline is timed ``--repeats`` times after one warm-up call and the best (shortest) time is
+Timing: ours and JPEG are timed ``--repeats`` times after one warm-up call and the best (shortest) time is
 reported, which is the least disturbed by other processes on a shared machine. MP/s = images * H * W / 1e6 / s.
 The VAE is slow on CPU, so it is timed on ``--vae-batch`` images (default 1) with ``--vae-repeats`` repeats; its
-MP/s is per pixel and therefore comparable, but the batch sizes are stated in the table.
+MP/s is per pixel and therefore comparable, but the batch sizes are stated in the table. The VAE gets no
+warm-up call (a pass takes about a minute on 2 cores; first-call overhead is negligible beside that).
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_report.py, shared with train_step.py
+import _report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -93,15 +96,19 @@ def get_codec(codec_dir: str | None, max_patches: int):
 
 
 # ------------------------------------------------------------------ timing
-def best_time(fn, repeats: int, warmup: bool = True) -> float:
-    """Shortest wall time in seconds of ``fn()`` over ``repeats`` calls (after one untimed warm-up call)."""
+def best_time(fn, repeats: int, warmup: bool = True) -> tuple[float, float]:
+    """(wall, cpu) seconds of the fastest of ``repeats`` calls of ``fn()`` (after one untimed warm-up call).
+
+    cpu is this process's CPU time (all threads) during that call: on a shared machine, wall >> cpu / threads
+    shows that the pipeline waited for the CPU.
+    """
     if warmup:
         fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t, time.process_time() - c))
     return min(times)
 
 
@@ -111,11 +118,12 @@ def mps(num_images: int, seconds: float) -> float:
 
 def time_ours(codec, batch: np.ndarray, repeats: int) -> dict:
     z = codec.encode(batch)  # (B, 64, 64, c); also builds the faiss encoders
-    t_enc = best_time(lambda: codec.encode(batch), repeats)
-    t_dec = best_time(lambda: codec.decode(z), repeats)
+    t_enc, c_enc = best_time(lambda: codec.encode(batch), repeats)
+    t_dec, c_dec = best_time(lambda: codec.decode(z), repeats)
     b = len(batch)
     bits = codec.spec.bits_per_patch * z.shape[1] * z.shape[2]
-    return {"images": b, "encode_s": t_enc, "decode_s": t_dec, "bpp": bits / (SIZE * SIZE),
+    return {"images": b, "spec": codec.spec.name, "encode_s": t_enc, "decode_s": t_dec, "encode_cpu": c_enc,
+            "decode_cpu": c_dec, "bpp": bits / (SIZE * SIZE),
             "encode": mps(b, t_enc), "decode": mps(b, t_dec), "roundtrip": mps(b, t_enc + t_dec)}
 
 
@@ -128,10 +136,11 @@ def time_jpeg(batch: np.ndarray, bpp: float, repeats: int) -> dict:
         warnings.simplefilter("ignore")
         qualities = [jpeg_at_bpp(img, bpp)[0] for img in batch]  # not timed: choosing q per image
     files = [jpeg_encode(img, q) for img, q in zip(batch, qualities)]
-    t_enc = best_time(lambda: [jpeg_encode(img, q) for img, q in zip(batch, qualities)], repeats)
-    t_dec = best_time(lambda: [jpeg_decode(f) for f in files], repeats)
+    t_enc, c_enc = best_time(lambda: [jpeg_encode(img, q) for img, q in zip(batch, qualities)], repeats)
+    t_dec, c_dec = best_time(lambda: [jpeg_decode(f) for f in files], repeats)
     b = len(batch)
-    return {"images": b, "encode_s": t_enc, "decode_s": t_dec, "qualities": qualities,
+    return {"images": b, "encode_s": t_enc, "decode_s": t_dec, "encode_cpu": c_enc, "decode_cpu": c_dec,
+            "qualities": qualities,
             "bpp": float(np.mean([8 * len(f) / (SIZE * SIZE) for f in files])),
             "encode": mps(b, t_enc), "decode": mps(b, t_dec), "roundtrip": mps(b, t_enc + t_dec)}
 
@@ -150,9 +159,11 @@ def time_vae(batch: np.ndarray, repeats: int) -> dict:
         latent = vae.encode(x).latent_dist.mode()  # (B, 4, 64, 64)
         return vae.decode(latent).sample  # (B, 3, 512, 512)
 
-    log(f"VAE: {params / 1e6:.1f}M parameters, timing {len(batch)} image(s) x {repeats} (+1 warm-up); slow on CPU")
-    t = best_time(roundtrip, repeats, warmup=True)
-    return {"images": len(batch), "roundtrip_s": t, "roundtrip": mps(len(batch), t), "params": params}
+    log(f"VAE: {params / 1e6:.1f}M parameters, timing {len(batch)} image(s) x {repeats}; slow on CPU")
+    t, cpu = best_time(roundtrip, repeats, warmup=False)  # no warm-up: one pass takes about a minute on 2 cores
+    return {"images": len(batch), "repeats": repeats, "roundtrip_s": t, "roundtrip_cpu": cpu,
+            "roundtrip": mps(len(batch), t),
+            "params": params}
 
 
 # ------------------------------------------------------------------ report
@@ -176,7 +187,12 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}; {usable} usable of {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()}, "
+    try:
+        load = "load average at the end {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg())
+    except OSError:
+        load = "load average unknown"
+    return (f"{cpu}; {usable} usable of {os.cpu_count()} logical CPUs, {load}; "
+            f"torch threads {torch.get_num_threads()}, "
             f"faiss OpenMP threads {faiss_threads}; Python {platform.python_version()}, numpy {np.__version__}, "
             f"torch {torch.__version__}")
 
@@ -192,26 +208,30 @@ def render_section(ours: dict, jpeg: dict, vae: dict | None, codec_desc: str, im
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     b = ours["images"]
     rows = [
-        ("ours (OPQ-32-8-8) encode", b, f"{ours['bpp']:.3f}", ours["encode_s"], ours["encode"]),
-        ("ours decode", b, f"{ours['bpp']:.3f}", ours["decode_s"], ours["decode"]),
-        ("ours encode + decode", b, f"{ours['bpp']:.3f}", ours["encode_s"] + ours["decode_s"], ours["roundtrip"]),
+        (f"ours ({ours['spec']}) encode", b, f"{ours['bpp']:.3f}", ours["encode_s"], ours["encode_cpu"],
+         ours["encode"]),
+        ("ours decode", b, f"{ours['bpp']:.3f}", ours["decode_s"], ours["decode_cpu"], ours["decode"]),
+        ("ours encode + decode", b, f"{ours['bpp']:.3f}", ours["encode_s"] + ours["decode_s"],
+         ours["encode_cpu"] + ours["decode_cpu"], ours["roundtrip"]),
     ]
     if vae is not None:
         rows.append(("SD v1 VAE encode + decode (random weights)", vae["images"], "n/a", vae["roundtrip_s"],
-                     vae["roundtrip"]))
+                     vae["roundtrip_cpu"], vae["roundtrip"]))
     rows += [
-        ("Pillow JPEG encode (4:2:0, q per image)", b, f"{jpeg['bpp']:.3f}", jpeg["encode_s"], jpeg["encode"]),
-        ("Pillow JPEG decode", b, f"{jpeg['bpp']:.3f}", jpeg["decode_s"], jpeg["decode"]),
+        ("Pillow JPEG encode (4:2:0, q per image)", b, f"{jpeg['bpp']:.3f}", jpeg["encode_s"], jpeg["encode_cpu"],
+         jpeg["encode"]),
+        ("Pillow JPEG decode", b, f"{jpeg['bpp']:.3f}", jpeg["decode_s"], jpeg["decode_cpu"], jpeg["decode"]),
     ]
     lines = [
         SECTION, "",
         f"Measured {date} with `{command}`.",
         f"Machine: {machine_line()}; Pillow {PIL.__version__}. Everything on CPU, in one process.",
-        f"Images: {image_desc}. Codec: {codec_desc}. Best of {repeats} timed repeats after a warm-up.",
+        f"Images: {image_desc}. Codec: {codec_desc}. Ours and JPEG: best of {repeats} timed repeats after a "
+        "warm-up call" + (f"; VAE: best of {vae['repeats']} without warm-up." if vae is not None else "."),
         "",
-        "| pipeline | images | bpp | seconds | MP/s |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {name} | {n} | {bpp} | {sec:.4f} | {rate:.3f} |" for name, n, bpp, sec, rate in rows),
+        "| pipeline | images | bpp | wall s | CPU s | MP/s (wall) |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {name} | {n} | {bpp} | {sec:.4f} | {cpu:.3f} | {rate:.4g} |" for name, n, bpp, sec, cpu, rate in rows),
         "",
         "| target | measured | required | result |",
         "|---|---:|---:|---|",
@@ -234,10 +254,12 @@ def render_section(ours: dict, jpeg: dict, vae: dict | None, codec_desc: str, im
     if vae is not None and vae["images"] != b:
         notes.append(f"The VAE was timed on {vae['images']} image(s) instead of {b} (it takes minutes per batch on "
                      "CPU); MP/s is per pixel, so the ratio compares throughputs, not batch wall times.")
-    notes.append("Ours decode is numpy table look-up (`Codec.decode`), encode is faiss nearest-codeword search; "
-                 "the VAE runs with torch in inference mode (SD v1 config, "
-                 f"{(vae or {}).get('params', 0) / 1e6:.1f}M parameters)." if vae is not None else
-                 "Ours decode is numpy table look-up (`Codec.decode`), encode is faiss nearest-codeword search.")
+    notes.append("Ours: decode is table look-up (`Codec.decode`), encode is faiss nearest-codeword search "
+                 "(`Codec.encode`). MP/s and the ratios use wall time; CPU s is this process's CPU time during the "
+                 "same call (all threads), shown because the machine may be shared (see the load average).")
+    if vae is not None:
+        notes.append(f"The VAE runs with torch in inference mode (SD v1 config, {vae['params'] / 1e6:.1f}M "
+                     "parameters, random weights: the speed does not depend on them).")
     return "\n".join(lines + notes) + "\n"
 
 
@@ -246,12 +268,7 @@ def replace_section(text: str, section: str) -> str:
 
     A section runs from its "## " heading to the next "## " heading (not "### ") or the end of the file.
     """
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if not text.strip():
-        return "# Benchmarks\n\n" + section
-    if pattern.search(text):
-        return pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    return text.rstrip("\n") + "\n\n" + section
+    return _report.replace_section(text, SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:

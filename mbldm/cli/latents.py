@@ -5,12 +5,25 @@ import argparse
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from mbldm.data.latent_store import build_latent_store, store_summary
+    from pathlib import Path
 
+    from mbldm import distributed as dist
+    from mbldm.data.latent_store import STORE_JSON, build_latent_store, remove_latent_store, store_summary
+
+    dist.check_launch()
+    n, r = dist.num_processes(), dist.process_index()
+    overwrite = args.overwrite
+    if n > 1:  # under `accelerate launch` / torchrun process r builds shards r, r+n, ...; deletion happens once
+        if overwrite and r == 0 and (Path(args.out) / STORE_JSON).is_file():
+            remove_latent_store(args.out)
+        overwrite = False
+        dist.wait_for_everyone()
     out = build_latent_store(args.codec, args.data, args.resolution, args.out, shard_size=args.shard_size,
-                             batch_size=args.batch_size, num_workers=args.num_workers, overwrite=args.overwrite,
-                             progress=not args.quiet)
-    print(store_summary(out))
+                             batch_size=args.batch_size, num_workers=args.num_workers, overwrite=overwrite,
+                             progress=not args.quiet, process_index=r, num_processes=n)
+    dist.wait_for_everyone()
+    if r == 0:
+        print(store_summary(out))
     return 0
 
 
@@ -31,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "build", help="encode an image folder or LSUN LMDB into a latent store (resumable)",
         description="Resize each image's short side to R, centre-crop R x R, encode with the codec and write "
         "memory-mapped index shards + sources.jsonl. Re-running an interrupted build with the same arguments "
-        "resumes it.")
+        "resumes it. Under `accelerate launch` / torchrun process r of n encodes shards r, r+n, ... (same store).")
     build.add_argument("--codec", required=True, metavar="DIR", help="codec artifact folder (codec fit)")
     build.add_argument("--data", required=True, metavar="DIR_OR_LMDB",
                        help="image folder (recursive) or LMDB (folder holding data.mdb, or a .mdb file)")

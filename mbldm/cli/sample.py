@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-_DEFAULT_TIMES = "default"  # --trajectory without a value: sampling.TRAJECTORY_T (resolved lazily)
 
 
 def _times(text: str) -> list[int]:
@@ -18,13 +17,17 @@ def _times(text: str) -> list[int]:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from mbldm.diffusion.sampling import TRAJECTORY_T, sample
+    from mbldm.diffusion.sampling import sample_sharded
+    from mbldm.distributed import check_launch
 
-    trajectory = list(TRAJECTORY_T) if args.trajectory == _DEFAULT_TIMES else args.trajectory
-    result = sample(args.run, args.num, out_dir=args.out, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                    seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                    refiner=args.refiner, use_ema=not args.no_ema, device=args.device, progress=not args.quiet,
-                    overwrite=args.overwrite, trajectory=trajectory)
+    check_launch()
+    # one process: sample(); under `accelerate launch` / torchrun: each process samples its block of the N indices
+    result = sample_sharded(args.run, args.num, out_dir=args.out, sampler=args.sampler, steps=args.steps,
+                            eta=args.eta, seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
+                            refiner=args.refiner, use_ema=not args.no_ema, device=args.device,
+                            progress=not args.quiet, overwrite=args.overwrite, trajectory=args.trajectory)
+    if result is None:  # not the main process of a multi-process job: process 0 reports
+        return 0
     s = result["summary"]
     print(f"wrote {s['count']} images ({s['image_size'][0]}x{s['image_size'][1]}, {s['variant']}, {s['sampler']} "
           f"{s['steps']} steps, {s['seconds']:.1f} s) to {args.out}; grid: {result['grid']}")
@@ -37,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sample", help="generate images from a training run",
         description="Generate N images from a training run (EMA weights by default), decode them with the run's "
         "codec and write img_000000.png ..., grid.png and samples.json. Image i depends only on seed + i (not on "
-        "the batch size). DDPM runs all T steps; DDIM runs S <= T steps.")
+        "the batch size). DDPM runs all T steps; DDIM runs S <= T steps. Under `accelerate launch` / torchrun each "
+        "process samples its own block of the N indices (exactly N images in all, the same files as one process).")
     p.add_argument("--run", required=True, metavar="RUN", help="training run directory (mbldm train)")
     p.add_argument("--num", required=True, type=int, metavar="N", help="number of images")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty unless --overwrite)")
@@ -51,9 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refiner", default=None, metavar="R",
                    help="refiner directory (mbldm refiner train) applied after decoding; raw decodes go to DIR/raw")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default 16)")
-    p.add_argument("--trajectory", nargs="?", type=_times, const=_DEFAULT_TIMES, default=None, metavar="T,T,...",
+    p.add_argument("--trajectory", nargs="?", type=_times, const=True, default=None, metavar="T,T,...",
                    help="also write x_t and x0-estimate strips at these paper times to DIR/trajectory "
-                   "(default when given without a value: 1000,900,...,0 as in Fig. 7)")
+                   "(without a value: T, 0.9T, ..., 0, i.e. 1000,900,...,0 as in Fig. 7)")
     p.add_argument("--no-ema", action="store_true", help="use the latest checkpoint's raw weights instead of EMA")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")

@@ -74,7 +74,7 @@ def _training_patches(images: list[np.ndarray], ch: int, s: int, flip: bool) -> 
     """All stride-1 patches of YCbCr channel ``ch`` of every image (+ vertical flips) -> float32 (N, s*s)."""
     parts = []
     for img in images:
-        p = patches.stride1_patches(color.rgb_to_ycbcr(img)[..., ch], s)
+        p = patches.stride1_patches(color.rgb_to_ycbcr_planes(img)[ch], s)
         parts.append(p)
         if flip:  # patches of the vertically flipped image = patches with their rows reversed
             parts.append(np.ascontiguousarray(p.reshape(-1, s, s)[:, ::-1, :].reshape(-1, s * s)))
@@ -264,10 +264,10 @@ class Codec:
         encoders = self._get_encoders()
         out = []
         for start in range(0, len(batch), batch_size):
-            ycc = color.rgb_to_ycbcr(patches.pad_to_multiple(batch[start:start + batch_size], s))
+            ycc = color.rgb_to_ycbcr_planes(patches.pad_to_multiple(batch[start:start + batch_size], s))
             codes = []
             for ch, enc in enumerate(encoders):
-                p = patches.to_patches(ycc[..., ch], s)  # (B, h, w, d)
+                p = patches.to_patches(ycc[ch], s)  # (B, h, w, d)
                 b, h, w, d = p.shape
                 codes.append(enc.encode(p.reshape(-1, d)).reshape(b, h, w, -1))
             out.append(np.concatenate(codes, axis=-1).astype(self.index_dtype))
@@ -311,9 +311,10 @@ class Codec:
         """
         from mbldm.codec.lookup import decode_lookup
 
+        z = np.asarray(z)
+        if z.ndim not in (3, 4):
+            raise ValueError(f"decode expects (h, w, c) or (B, h, w, c) indices, got shape {z.shape}")
         batch, single = _as_batch(z)
-        if batch.ndim != 4:
-            raise ValueError(f"decode expects (h, w, c) or (B, h, w, c) indices, got shape {batch.shape}")
         self._check_indices(batch)
         out = decode_lookup(batch.astype(np.int64, copy=False), self._tables, self._plane_of,
                             color.YCBCR_OFFSET.astype(np.float32), color.YCBCR_TO_RGB.astype(np.float32))

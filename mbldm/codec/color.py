@@ -22,10 +22,21 @@ YCBCR_OFFSET = np.array([0.0, 128.0, 128.0])
 
 def rgb_to_ycbcr(rgb: np.ndarray) -> np.ndarray:
     """RGB (..., 3) in [0, 255] (any real dtype, uint8 included) -> YCbCr (..., 3) float32 in [0, 255]."""
-    rgb = np.asarray(rgb, dtype=np.float32)
+    return np.moveaxis(rgb_to_ycbcr_planes(rgb), 0, -1)
+
+
+def rgb_to_ycbcr_planes(rgb: np.ndarray) -> np.ndarray:
+    """RGB (..., 3) in [0, 255] -> YCbCr planes (3, ...) float32: plane-first layout for per-channel patching.
+
+    Same values as ``np.moveaxis(rgb_to_ycbcr(rgb), -1, 0)``, computed as one (3, 3) @ (3, N) product.
+    """
+    rgb = np.asarray(rgb)
     if rgb.shape[-1] != 3:
-        raise ValueError(f"rgb_to_ycbcr expects a last axis of 3 channels, got shape {rgb.shape}")
-    return rgb @ RGB_TO_YCBCR.T.astype(np.float32) + YCBCR_OFFSET.astype(np.float32)
+        raise ValueError(f"rgb_to_ycbcr_planes expects a last axis of 3 channels, got shape {rgb.shape}")
+    planes = np.moveaxis(rgb, -1, 0).astype(np.float32)  # (3, ...)
+    out = (RGB_TO_YCBCR.astype(np.float32) @ planes.reshape(3, -1)).reshape(planes.shape)
+    out += YCBCR_OFFSET.astype(np.float32).reshape((3,) + (1,) * (out.ndim - 1))
+    return out
 
 
 def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:

@@ -18,27 +18,35 @@ def _decode_kernel(z, tables, plane_of, offset, m_rgb, out):  # pragma: no cover
     b_count, h, w, c = z.shape
     d = tables.shape[2]
     s = out.shape[1] // h
+    m00, m01, m02 = m_rgb[0, 0], m_rgb[0, 1], m_rgb[0, 2]
+    m10, m11, m12 = m_rgb[1, 0], m_rgb[1, 1], m_rgb[1, 2]
+    m20, m21, m22 = m_rgb[2, 0], m_rgb[2, 1], m_rgb[2, 2]
+    lo, hi_v = np.float32(0.0), np.float32(255.0)
     for row in numba.prange(b_count * h):
         b = row // h
         hi = row % h
-        ycc = np.empty((3, d), np.float32)
+        y = np.empty(d, np.float32)
+        cb = np.empty(d, np.float32)
+        cr = np.empty(d, np.float32)
         for wi in range(w):
-            for p in range(3):
-                ycc[p, :] = -offset[p]
-            for j in range(c):
+            y[:] = -offset[0]
+            cb[:] = -offset[1]
+            cr[:] = -offset[2]
+            for j in range(c):  # sum the selected pixel-space codewords of each YCbCr plane
                 t = tables[j, z[b, hi, wi, j]]
-                acc = ycc[plane_of[j]]
+                p = plane_of[j]
+                acc = y if p == 0 else (cb if p == 1 else cr)
                 for e in range(d):
                     acc[e] += t[e]
-            for e in range(d):
-                y = ycc[0, e]
-                cb = ycc[1, e]
-                cr = ycc[2, e]
-                r = hi * s + e // s
-                col = wi * s + e % s
-                for ch in range(3):
-                    v = np.rint(m_rgb[ch, 0] * y + m_rgb[ch, 1] * cb + m_rgb[ch, 2] * cr)
-                    out[b, r, col, ch] = np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
+            for i in range(s):  # colour conversion, round half to even, clip, store row by row
+                orow = out[b, hi * s + i]
+                for jj in range(s):
+                    e = i * s + jj
+                    yv, cbv, crv = y[e], cb[e], cr[e]
+                    col = wi * s + jj
+                    orow[col, 0] = np.uint8(min(max(np.rint(m00 * yv + m01 * cbv + m02 * crv), lo), hi_v))
+                    orow[col, 1] = np.uint8(min(max(np.rint(m10 * yv + m11 * cbv + m12 * crv), lo), hi_v))
+                    orow[col, 2] = np.uint8(min(max(np.rint(m20 * yv + m21 * cbv + m22 * crv), lo), hi_v))
 
 
 def decode_lookup(z: np.ndarray, tables: np.ndarray, plane_of: np.ndarray, offset: np.ndarray,

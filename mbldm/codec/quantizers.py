@@ -18,6 +18,8 @@ import numpy as np
 from mbldm.codec.codebooks import TrainedQuantizer
 
 FAISS_VERSION = faiss.__version__
+CENTRE = np.float32(128.0)  # patch values lie in [0, 255]; distances are computed on centred values
+ENCODE_CHUNK = 16384
 
 
 def _as_faiss_input(x: np.ndarray, d: int, what: str) -> np.ndarray:
@@ -81,9 +83,16 @@ def train(method: str, x: np.ndarray, m: int, nbits: int, seed: int = 0, verbose
         raise ValueError(f"needs at least K={k} training patches, got {x.shape[0]}")
     if method in ("VQ", "PQ"):
         return TrainedQuantizer(method, _train_pq(x, m, nbits, seed, verbose))
+    if method == "OPQ" and m == 1:
+        # One codebook: k-means distortion is invariant to any orthogonal R (||Rx - Rc|| = ||x - c||), so
+        # Eq. 14 has nothing to optimise; R = I gives the same quantizer without OPQ's 50 alternations.
+        identity = np.eye(x.shape[1], dtype=np.float32)
+        return TrainedQuantizer(method, _train_pq(x, m, nbits, seed, verbose), identity)
     if method == "OPQ":
         opq = faiss.OPQMatrix(x.shape[1], m)
         opq.verbose = verbose
+        pq = faiss.ProductQuantizer(x.shape[1], m, nbits)  # learn R for the spec's codebook size, not 8 bits
+        opq.pq = pq
         opq.train(x)
         rotation = _vector(opq.A).reshape(x.shape[1], x.shape[1]).astype(np.float32)
         return TrainedQuantizer(method, _train_pq(x @ rotation.T, m, nbits, seed, verbose), rotation)
@@ -110,6 +119,10 @@ class Encoder:
         else:
             self._faiss = faiss.ProductQuantizer(d, m, nbits)
             faiss.copy_array_to_vector(np.ascontiguousarray(q.codebooks, np.float32).ravel(), self._faiss.centroids)
+            # Nearest codeword per sub-quantizer (Eq. 9) as one BLAS product per chunk on centred values:
+            # argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k); centring at 128 keeps float32 precise.
+            self._centred = [np.ascontiguousarray(cb - CENTRE, np.float32) for cb in q.codebooks]  # (K, dsub)
+            self._sq_norms = [(cb.astype(np.float64) ** 2).sum(1).astype(np.float32) for cb in self._centred]
         self._rotation_t = None if q.rotation is None else np.ascontiguousarray(q.rotation.T, np.float32)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
@@ -120,7 +133,17 @@ class Encoder:
             x = np.ascontiguousarray(x @ self._rotation_t)
         if x.shape[0] == 0:
             return np.zeros((0, self.q.m), np.int64)
-        return unpack_codes(self._faiss.compute_codes(x), self.q.m, self.q.nbits)
+        if self.q.method == "RQ":
+            return unpack_codes(self._faiss.compute_codes(x), self.q.m, self.q.nbits)
+        dsub = x.shape[1] // self.q.m
+        codes = np.empty((x.shape[0], self.q.m), np.int64)
+        for start in range(0, x.shape[0], ENCODE_CHUNK):
+            chunk = x[start:start + ENCODE_CHUNK] - CENTRE
+            for j, (cb, sq) in enumerate(zip(self._centred, self._sq_norms)):
+                scores = chunk[:, j * dsub:(j + 1) * dsub] @ (-2.0 * cb.T)  # (n, K)
+                scores += sq
+                codes[start:start + ENCODE_CHUNK, j] = scores.argmin(axis=1)
+        return codes
 
     def faiss_decode(self, codes: np.ndarray) -> np.ndarray:
         """faiss's own decode of int (N, M) codes -> float32 (N, d) (reference for tests; rotation inverted)."""

@@ -49,6 +49,7 @@ def _unet_kwargs(block_out_channels: tuple[int, ...], layers_per_block: int, nor
 UNET_PRESETS: dict[str, dict] = {
     "paper": _unet_kwargs((128, 256, 256, 384), layers_per_block=2, norm_num_groups=32, attention_head_dim=32),
     "small": _unet_kwargs((64, 128, 128), layers_per_block=1, norm_num_groups=32, attention_head_dim=32),
+    "cpu": _unet_kwargs((32, 64, 64), layers_per_block=1, norm_num_groups=16, attention_head_dim=16),
     "tiny": _unet_kwargs((16, 32), layers_per_block=1, norm_num_groups=8, attention_head_dim=8),
     "refiner": _unet_kwargs((32, 32, 64, 64), layers_per_block=2, norm_num_groups=16, attention_head_dim=16),
 }

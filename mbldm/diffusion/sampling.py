@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +55,12 @@ __all__ = [
     "RunModel",
     "load_run",
     "resolve_steps",
+    "default_trajectory_t",
     "generate_latents",
     "make_grid",
     "sample",
+    "sample_sharded",
+    "merge_sample_shards",
 ]
 
 SAMPLERS = ("ddpm", "ddim")
@@ -68,11 +72,18 @@ GRID_MAX_IMAGES = 64
 DEFAULT_DDIM_STEPS = 50
 IMAGE_NAME = "img_{:06d}.png"
 SUMMARY_FILE = "samples.json"
+#: Summary of process r of n in a sharded job (:func:`sample_sharded`); merged into samples.json, then removed.
+SHARD_SUMMARY_FILE = "samples.shard-{:03d}-of-{:03d}.json"
 GRID_FILE = "grid.png"
 _RUN_KEYS = ("variant", "latent_shape", "num_codewords", "timesteps", "beta_schedule", "self_condition")
 
 
 # ---------------------------------------------------------------------------------------------------- trajectory
+def default_trajectory_t(T: int) -> list[int]:
+    """Eleven evenly spaced paper times T, 0.9 T, ..., 0 (rounded): Fig. 7's t = 1000, 900, ..., 0 for T = 1000."""
+    return [round(T * i / 10) for i in range(10, -1, -1)]
+
+
 @dataclass
 class Trajectory:
     """Recorder of intermediate states, filled by :func:`generate_latents` (Fig. 7 of the paper).
@@ -264,7 +275,7 @@ def generate_latents(
         variant: "continuous" or "categorical".
         self_condition: feed ``cat([x_t, x0_prev])`` (x0_prev = zeros at the first step).
         steps: reverse steps (default: all T for DDPM, 50 for DDIM); checked by :func:`resolve_steps`.
-        eta: DDIM noise scale (ignored by DDPM), >= 0.
+        eta: DDIM noise scale >= 0 (must be 0 for DDPM).
         temperature: gamma of Eq. 25 for the categorical variant, >= 0 (0 = argmax); must stay 1.0 otherwise.
         tau: Gumbel-softmax temperature (Eq. 20) of the categorical self-conditioning estimate: the run's training
             ``tau`` (ignored for continuous models or without self-conditioning).
@@ -303,6 +314,8 @@ def generate_latents(
         raise ValueError(f"unsupported scheduler {type(scheduler).__name__}; use make_scheduler('ddpm'|'ddim')")
     if not (eta >= 0 and math.isfinite(eta)):
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError(f"eta={eta} applies to the ddim sampler only (ddpm is always fully stochastic)")
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not (tau > 0 and math.isfinite(tau)):
@@ -452,7 +465,8 @@ def sample(
     indices: Sequence[int] | None = None,
     progress: bool = True,
     overwrite: bool = False,
-    trajectory: Sequence[int] | None = None,
+    trajectory: Sequence[int] | bool | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Generate images from a training run, decode them with the run's codec and (optionally) write PNGs.
 
@@ -463,9 +477,9 @@ def sample(
         num: total number of images N of the (possibly sharded) job.
         out_dir: folder for ``img_{i:06d}.png``, ``grid.png``, ``samples.json`` (+ ``raw/``, ``trajectory/``);
             None -> nothing is written and the images are returned in memory.
-        sampler: "ddpm" (all T steps) or "ddim".
+        sampler: "ddpm" (all T steps, ancestral) or "ddim".
         steps: DDIM steps S <= T (default 50); for DDPM None or T.
-        eta: DDIM eta >= 0.
+        eta: DDIM eta >= 0 (0 for DDPM).
         seed: base seed; image i uses seed + i.
         batch_size: images per forward pass (does not change the images).
         temperature: gamma of Eq. 25 (categorical runs only; 0 = argmax).
@@ -475,7 +489,11 @@ def sample(
         indices: global indices to produce (default ``range(num)``); a shard passes its subset.
         progress: show progress bars.
         overwrite: allow writing into a non-empty ``out_dir``.
-        trajectory: paper times (e.g. ``TRAJECTORY_T``) at which to record x_t and x0 estimates (Fig. 7).
+        trajectory: paper times in [0, T] at which to record x_t and x0 estimates (Fig. 7), or True for
+            ``default_trajectory_t(T)`` (T, 0.9 T, ..., 0).
+        shard: ``(process_index, num_processes)`` when this call is one process of :func:`sample_sharded`: the
+            caller has checked ``out_dir`` (it may already hold other shards' images), the summary goes to
+            ``SHARD_SUMMARY_FILE`` and no grid is written (:func:`merge_sample_shards` writes both).
 
     Returns:
         dict with ``"summary"`` (what ``samples.json`` holds), ``"indices"`` (list), ``"latents"`` (index dtype
@@ -496,11 +514,17 @@ def sample(
     idx = _check_indices(num, indices)
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if Path(run_dir).is_dir():  # cheap checks before loading the model
+        resolve_steps(sampler, steps, int(_read_run_config(Path(run_dir))["timesteps"]))
     dev = _resolve_device(device)
     run = load_run(run_dir, use_ema=use_ema, device=dev)
     cfg = run.config
     T = int(cfg["timesteps"])
     S = resolve_steps(sampler, steps, T)
+    if trajectory is True:
+        trajectory = default_trajectory_t(T)
+    elif trajectory is False:
+        trajectory = None
     if run.variant == "continuous" and temperature != 1.0:
         raise ValueError("temperature (Eq. 25) applies to categorical runs only; "
                          f"{run.run_dir} is a continuous run")
@@ -513,7 +537,11 @@ def sample(
         ref = Refiner.load(refiner, device=dev)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        _prepare_out_dir(out, overwrite)
+        if shard is None:
+            _prepare_out_dir(out, overwrite)
+        else:  # sample_sharded checked the folder on every process before any of them wrote into it
+            _check_shard(shard)
+            out.mkdir(parents=True, exist_ok=True)
 
     h, w, c = (int(v) for v in cfg["latent_shape"])
     all_latents, images_mem, raw_mem, files, grid_imgs = [], [], [], [], []
@@ -584,7 +612,11 @@ def sample(
         "seconds": round(seconds, 3),
     }
     result: dict = {"summary": summary, "indices": idx, "latents": np.concatenate(all_latents)}
-    if out is not None:
+    if out is not None and shard is not None:
+        summary["shard"] = [int(shard[0]), int(shard[1])]
+        write_json(out / SHARD_SUMMARY_FILE.format(*shard), summary)
+        result.update(files=files, grid=None)
+    elif out is not None:
         grid_path = out / GRID_FILE
         save_png(grid_path, make_grid(np.stack(grid_imgs)), overwrite=True)
         write_json(out / SUMMARY_FILE, summary)
@@ -596,3 +628,124 @@ def sample(
     if trajectory is not None:
         result["trajectory"] = {"t": traj_t, "x_t": np.concatenate(traj_xt), "x0": np.concatenate(traj_x0)}
     return result
+
+
+# ---------------------------------------------------------------------------------------------------- several processes
+def _check_shard(shard: tuple[int, int]) -> None:
+    r, n = shard
+    if not (isinstance(r, int) and isinstance(n, int) and 0 <= r < n):
+        raise ValueError(f"shard must be (process_index, num_processes) with 0 <= process_index < num_processes, "
+                         f"got {shard!r}")
+
+
+# Summary keys that may differ between the shards of one job (everything else must agree).
+_PER_SHARD_KEYS = ("count", "indices", "seconds", "device", "grid_images", "shard")
+
+
+def merge_sample_shards(out_dir: str | Path, num: int, num_processes: int) -> dict:
+    """Join the shard summaries of a sharded job into ``samples.json`` and ``grid.png`` (process 0 calls this).
+
+    Checks that the ``indices`` of the shard summaries ``SHARD_SUMMARY_FILE.format(r, num_processes)`` partition
+    ``range(num)`` (no index missing or repeated), that every ``img_{i:06d}.png`` exists and that the shards used
+    the same settings; then writes ``samples.json`` (the single-process summary with ``count = num``, plus
+    ``num_processes`` and per-process ``shards`` entries: process index, count, first/last index, device,
+    seconds), the grid of the first ``GRID_MAX_IMAGES`` images (read back from the PNGs) and removes the shard
+    summaries.
+
+    Returns:
+        The merged summary (what ``samples.json`` holds).
+    Raises:
+        FileNotFoundError: no shard summary, or a missing image.  ValueError: indices missing / repeated, or
+        shards whose settings differ (the message names the folder).
+    """
+    from mbldm.io.atomic import write_json
+    from mbldm.io.images import load_image, save_png
+
+    out = Path(out_dir)
+    files = [out / SHARD_SUMMARY_FILE.format(r, num_processes) for r in range(num_processes)]
+    shards = [json.loads(f.read_text(encoding="utf-8")) for f in files if f.is_file()]
+    if not shards:
+        raise FileNotFoundError(f"{out}: no shard summaries {SHARD_SUMMARY_FILE.format(0, num_processes)} ...; "
+                                "did the sampling processes run?")
+    seen = [int(i) for s in shards for i in s["indices"]]
+    missing = sorted(set(range(num)) - set(seen))
+    repeated = sorted(i for i, k in Counter(seen).items() if k > 1)
+    extra = sorted(set(seen) - set(range(num)))
+    if missing or repeated or extra:
+        raise ValueError(f"{out}: the shards do not cover range({num}) exactly once: missing {missing[:10]}, "
+                         f"repeated {repeated[:10]}, out of range {extra[:10]}")
+    common = [{k: v for k, v in s.items() if k not in _PER_SHARD_KEYS} for s in shards]
+    if any(c != common[0] for c in common[1:]):
+        raise ValueError(f"{out}: the shard summaries disagree on the sampling settings; re-run the job")
+    absent = [IMAGE_NAME.format(i) for i in range(num) if not (out / IMAGE_NAME.format(i)).is_file()]
+    if absent:
+        raise FileNotFoundError(f"{out}: {len(absent)} image(s) missing after sampling, e.g. {absent[:5]}")
+    grid_imgs = [load_image(out / IMAGE_NAME.format(i)) for i in range(min(num, GRID_MAX_IMAGES))]
+    save_png(out / GRID_FILE, make_grid(np.stack(grid_imgs)), overwrite=True)
+    ordered = sorted(shards, key=lambda s: s["shard"][0])
+    summary = {
+        **{k: v for k, v in ordered[0].items() if k != "shard"},
+        "count": int(num),
+        "indices": list(range(num)),
+        "grid_images": len(grid_imgs),
+        "seconds": max(float(s["seconds"]) for s in shards),
+        "num_processes": int(num_processes),
+        "shards": [{"process_index": s["shard"][0], "count": s["count"], "first": min(s["indices"]),
+                    "last": max(s["indices"]), "device": s["device"], "seconds": s["seconds"]} for s in ordered],
+    }
+    write_json(out / SUMMARY_FILE, summary)
+    for f in files:
+        f.unlink(missing_ok=True)
+    return summary
+
+
+def sample_sharded(run_dir: str | Path, num: int, out_dir: str | Path, *, overwrite: bool = False,
+                   device: str | torch.device | None = None, progress: bool = True, **kwargs: Any) -> dict | None:
+    """:func:`sample` split across the processes of an Accelerate / torchrun launch (``mbldm sample``).
+
+    Process r of n produces the contiguous block ``mbldm.distributed.local_indices(num)`` of the global indices
+    (no padding: exactly ``num`` images in all, none repeated, whatever n; a process may get none), each image
+    from its own seed ``seed + i``, so the files are those of a single-process run. Every process checks
+    ``out_dir`` before any of them writes into it; process 0 then merges the summaries
+    (:func:`merge_sample_shards`). With one process this is exactly :func:`sample`.
+
+    Args:
+        run_dir, num, out_dir, overwrite, progress, **kwargs: as :func:`sample` (``indices`` and ``shard`` are
+            chosen here). ``out_dir`` is required with several processes.
+        device: torch device; default: this process's Accelerate device (``cuda:LOCAL_RANK``, or the CPU).
+
+    Returns:
+        On process 0: :func:`sample`'s result with the merged ``"summary"`` and ``"grid"``; on the other
+        processes None (with several processes).
+    Raises:
+        As :func:`sample` and :func:`merge_sample_shards`; ValueError: ``out_dir`` None with several processes.
+    """
+    from mbldm import distributed as dist
+
+    for key in ("indices", "shard"):
+        if key in kwargs:
+            raise ValueError(f"sample_sharded chooses {key!r} itself")
+    n = dist.num_processes()
+    if n == 1:
+        return sample(run_dir, num, out_dir, overwrite=overwrite, device=device, progress=progress, **kwargs)
+    if out_dir is None:
+        raise ValueError("sampling with several processes needs an output folder (out_dir / --out)")
+    _check_indices(num, None)
+    if Path(run_dir).is_dir():  # cheap checks before anything is written
+        resolve_steps(kwargs.get("sampler", "ddim"), kwargs.get("steps"),
+                      int(_read_run_config(Path(run_dir))["timesteps"]))
+    r, out = dist.process_index(), Path(out_dir)
+    _prepare_out_dir(out, overwrite)  # on every process, before any process writes
+    (out / SHARD_SUMMARY_FILE.format(r, n)).unlink(missing_ok=True)  # a stale summary of an earlier job
+    dist.wait_for_everyone()
+    mine = dist.local_indices(int(num))
+    result = None
+    if mine:
+        result = sample(run_dir, num, out, indices=mine, device=device if device is not None else
+                        dist.get_state().device, progress=progress and r == 0, overwrite=True, shard=(r, n), **kwargs)
+    dist.wait_for_everyone()
+    if r == 0:
+        result["summary"] = merge_sample_shards(out, num, n)
+        result["grid"] = out / GRID_FILE
+    dist.wait_for_everyone()
+    return result if r == 0 else None

@@ -401,7 +401,7 @@ def _metrics_row(step: int, stats: list, T: int, lr: float, steps_per_s: float, 
 
 # ----------------------------------------------------------------------------------------------- training
 
-def train(config: TrainConfig) -> Path:
+def train(config: TrainConfig, *, store: Any = None, on_step: Any = None) -> Path:
     """Train a latent diffusion U-Net on a latent store; write the run directory (contract 6); return it.
 
     Works as one CPU process, one GPU, or several GPUs under ``accelerate launch`` (global batch split evenly;
@@ -413,6 +413,11 @@ def train(config: TrainConfig) -> Path:
 
     Args:
         config: a TrainConfig (see :func:`resolve_config` for merging flags and files).
+        store: an opened latent store to use instead of ``LatentStore(config.latents)``, or any object with its
+            ``latent_shape``, ``num_codewords``, ``spec``, ``resolution``, ``codec_dir``, ``len()`` and
+            ``batch(indices)`` (the dry run, :mod:`mbldm.dry_run`, passes a synthetic one).
+        on_step: optional ``on_step(steps_done)`` called at the end of every step (after logging and
+            checkpointing); an exception it raises ends the run at once, without the final checkpoint.
     Returns:
         The run directory ``Path(config.out)``.
     Raises:
@@ -454,7 +459,7 @@ def train(config: TrainConfig) -> Path:
     set_seed(config.seed)  # identical model initialisation on every process
 
     # ---- data: latent store, codec, run directory ----------------------------------------------------------
-    store = LatentStore(config.latents)
+    store = LatentStore(config.latents) if store is None else store
     h, w, c = store.latent_shape
     K = store.num_codewords
     codec = Codec.load(store.codec_dir).to(device) if is_categorical else None
@@ -635,6 +640,8 @@ def train(config: TrainConfig) -> Path:
             if done % config.checkpoint_every == 0:
                 save(done)
                 last_saved = done
+            if on_step is not None:
+                on_step(done)
             if bool(gathered[:, 4].any()):
                 if is_main:
                     print(f"\nmbldm train: --max-minutes {config.max_minutes} reached at step {done}; stopping",

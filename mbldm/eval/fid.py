@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence, Sized
@@ -270,14 +271,49 @@ class InceptionFeatures:
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
+def _sample_folder_files(root: Path) -> list[Path] | None:
+    """The images of an ``mbldm sample`` output folder, or None for any other folder.
+
+    A folder whose ``samples.json`` has ``"format": "mbldm-samples"`` holds exactly the images
+    ``img_{i:06d}.png`` of its ``indices``; its ``grid.png`` (a preview), ``raw/`` (unrefined decodes) and
+    ``trajectory/`` strips are not samples and must not be scored.
+
+    Raises:
+        ValueError: an unreadable samples.json.  FileNotFoundError: a listed image is missing.
+    """
+    from mbldm.diffusion.sampling import IMAGE_NAME, SUMMARY_FILE
+
+    file = root / SUMMARY_FILE
+    if not file.is_file():
+        return None
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(summary, dict) or summary.get("format") != "mbldm-samples":
+        return None
+    files = [root / IMAGE_NAME.format(int(i)) for i in summary.get("indices", [])]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{file}: lists {len(files)} images but {len(missing)} are missing, e.g. "
+                                f"{missing[:5]}")
+    return files
+
+
 def _image_items(images: str | os.PathLike | Iterable) -> Iterable:
-    """A folder -> its sorted image paths (``scan_images``); anything else is iterated as given."""
+    """A folder -> its sorted image paths (``scan_images``), or for an ``mbldm sample`` folder exactly its
+    ``img_*.png`` samples (:func:`_sample_folder_files`); anything else is iterated as given."""
     if isinstance(images, (str, os.PathLike)):
         root = Path(images)
         if not root.exists():
             raise FileNotFoundError(f"{root}: image folder not found")
         if not root.is_dir():
             raise NotADirectoryError(f"{root}: expected a folder of images")
+        listed = _sample_folder_files(root)
+        if listed is not None:
+            if not listed:
+                raise ValueError(f"{root}: samples.json lists no images")
+            return listed
         from mbldm.io.images import scan_images
 
         paths = scan_images(root)
@@ -374,6 +410,40 @@ def extract_features(
     return np.stack(features).astype(np.float64, copy=False)
 
 
+def extract_features_sharded(
+    images: str | os.PathLike | Iterable,
+    batch_size: int = 50,
+    device: Any = None,
+    progress: bool = True,
+    extractor: InceptionFeatures | None = None,
+) -> np.ndarray:
+    """:func:`extract_features` split across the processes of an Accelerate / torchrun launch.
+
+    The item list (as :func:`extract_features` forms it) is split into contiguous blocks
+    (``mbldm.distributed.local_indices``: every image exactly once, no padding), each process extracts its
+    block, and the blocks are gathered in process order (``mbldm.distributed.gather_object``), so every process
+    gets the rows a single process would compute, in the same order. With one process this is
+    :func:`extract_features`.
+
+    Args:
+        images, batch_size, progress, extractor: as :func:`extract_features` (progress shown on process 0).
+        device: default this process's Accelerate device (``cuda:LOCAL_RANK`` or the CPU).
+    Returns:
+        (N, 2048) float64 features of all processes' usable images.
+    Raises:
+        As :func:`extract_features`.
+    """
+    from mbldm import distributed as dist
+
+    items = list(_image_items(images))
+    mine = [items[i] for i in dist.local_indices(len(items))]
+    if extractor is None:
+        extractor = InceptionFeatures(device if device is not None else dist.get_state().device)
+    features = extract_features(mine, batch_size=batch_size, progress=progress and dist.is_main_process(),
+                                extractor=extractor)
+    return np.concatenate(dist.gather_object([features]))
+
+
 # ---------------------------------------------------------------------------------------------------- statistics
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, n: int, *,
                     overwrite: bool = False) -> None:
@@ -461,7 +531,8 @@ def fid(
     device: Any = None,
     progress: bool = True,
     overwrite: bool = False,
-) -> dict:
+    distributed: bool = False,
+) -> dict | None:
     """FID between a real set and a generated set (paper Eq. 1, Table 2).
 
     Args:
@@ -470,6 +541,10 @@ def fid(
         save_stats: if given, the real-side statistics are saved there (``save_statistics``) for reuse as ``real``.
         batch_size, device, progress: as in ``extract_features``; the network is loaded at most once.
         overwrite: allow ``save_stats`` to replace an existing file.
+        distributed: extract features with :func:`extract_features_sharded` (each process of an ``accelerate
+            launch`` / torchrun job takes a block of each image folder; ``device`` defaults to the process's
+            own); process 0 computes the statistics, saves ``save_stats`` and returns the result, the other
+            processes return None. With one process the result equals ``distributed=False``.
 
     Returns:
         ``{"fid": float, "n_real": int | None, "n_fake": int | None, "warning": str | None}``. With fewer than
@@ -491,19 +566,36 @@ def fid(
         if not overwrite and Path(save_stats).exists():
             raise FileExistsError(f"{save_stats}: already exists (refusing to overwrite)")
     extractor: InceptionFeatures | None = None
+    is_main = True
+    if distributed:
+        from mbldm import distributed as dist
 
-    def statistics(source: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int | None]:
+        is_main = dist.is_main_process()
+        device = device if device is not None else dist.get_state().device
+
+    def statistics(source: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, int | None] | None:
         nonlocal extractor
         if Path(source).is_file():
             return load_statistics(source)
         if extractor is None:
             extractor = InceptionFeatures(device)
-        return compute_statistics(source, batch_size=batch_size, progress=progress, extractor=extractor)
+        if not distributed:
+            return compute_statistics(source, batch_size=batch_size, progress=progress, extractor=extractor)
+        features = extract_features_sharded(source, batch_size=batch_size, progress=progress, extractor=extractor)
+        if not is_main:  # process 0 computes the statistics of the gathered features
+            return None
+        if features.shape[0] < 2:
+            raise ValueError(f"{source}: FID needs at least 2 usable images, got {features.shape[0]}")
+        mu, sigma = feature_statistics(features)
+        return mu, sigma, features.shape[0]
 
-    mu_r, sigma_r, n_real = statistics(real)
-    if save_stats is not None:
-        save_statistics(save_stats, mu_r, sigma_r, n_real, overwrite=overwrite)
-    mu_f, sigma_f, n_fake = statistics(fake)
+    real_stats = statistics(real)
+    if is_main and save_stats is not None:
+        save_statistics(save_stats, *real_stats, overwrite=overwrite)
+    fake_stats = statistics(fake)
+    if not is_main:
+        return None
+    (mu_r, sigma_r, n_real), (mu_f, sigma_f, n_fake) = real_stats, fake_stats
     message = None
     small = {name: n for name, n in (("real", n_real), ("fake", n_fake)) if n is not None and n < MIN_UNBIASED_N}
     if small:

@@ -17,7 +17,9 @@ from mbldm.codec import Codec
 from mbldm.diffusion.categorical import expected_index_unit, gumbel_softmax, logits_from_model_output
 from mbldm.diffusion.models import build_unet
 from mbldm.diffusion.sampling import (
+    TRAJECTORY_T,
     Trajectory,
+    default_trajectory_t,
     generate_latents,
     make_grid,
     resolve_steps,
@@ -135,14 +137,19 @@ def test_more_ddim_steps_than_T_is_refused(runs, tmp_path):
         resolve_steps("ddpm", 10, T)
     assert resolve_steps("ddpm", None, T) == T and resolve_steps("ddim", None, T) == T
     assert resolve_steps("ddim", None, 1000) == 50
+    with pytest.raises(ValueError, match="eta=0.5 applies to the ddim sampler only"):
+        generate_latents(model, make_scheduler("ddpm", T=T), [0], SHAPE, K, self_condition=True, eta=0.5)
 
 
-@pytest.mark.parametrize("variant", ["continuous", "categorical"])
-def test_images_depend_on_their_seed_only_not_on_batch_size(variant):
-    """DDPM (noise at every step) and, for the categorical model, temperature sampling at every step."""
+@pytest.mark.parametrize("variant,sampler", [("continuous", "ddpm"), ("categorical", "ddpm"), ("continuous", "ddim")])
+def test_images_depend_on_their_seed_only_not_on_batch_size(variant, sampler):
+    """DDPM / DDIM eta = 1 (noise at every step) and, for the categorical model, temperature sampling and
+    self-conditioning Gumbel noise at every step."""
     model = _model(variant)
-    sched = make_scheduler("ddpm", T=T, prediction_type="epsilon" if variant == "continuous" else "sample")
+    sched = make_scheduler(sampler, T=T, prediction_type="epsilon" if variant == "continuous" else "sample")
     kw = dict(variant=variant, self_condition=True)
+    if sampler == "ddim":
+        kw.update(steps=8, eta=1.0)
     together = generate_latents(model, sched, [10, 11, 12], SHAPE, K, **kw)
     alone = torch.cat([generate_latents(model, sched, [s], SHAPE, K, **kw) for s in (10, 11, 12)])
     assert torch.equal(together, alone)
@@ -187,6 +194,8 @@ def test_trajectory_records_noise_estimates_and_final_sample():
     assert Trajectory(t=[11, 13, 0]).snapped([20, 15, 10, 5, 0]) == [15, 10, 0]
     with pytest.raises(ValueError, match=r"\[0, 20\]"):
         Trajectory(t=[21]).snapped([20, 10, 0])
+    assert default_trajectory_t(1000) == list(TRAJECTORY_T) == list(range(1000, -1, -100))  # Fig. 7
+    assert default_trajectory_t(20) == [20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0]
 
 
 def test_make_grid_layout():
@@ -267,7 +276,28 @@ def test_cli_sample(runs, tmp_path, capsys):
     assert (out / "img_000001.png").is_file() and (out / "trajectory" / "img_000001_x0.png").is_file()
     strip = load_image(out / "trajectory" / "img_000000_xt.png")
     assert strip.shape == (16 + 4, 3 * 18 + 2, 3)  # 3 frames: DDIM S=3 visits t = 20, 13, 7, 0; 10 snaps to 13
+    # --trajectory without a value: T, 0.9 T, ..., 0 snapped to the DDIM times 20, 13, 7, 0 -> 4 frames
+    assert main(["sample", "--run", str(runs["continuous"]), "--num", "1", "--out", str(out), "--steps", "3",
+                 "--quiet", "--trajectory", "--overwrite"]) == 0
+    assert load_image(out / "trajectory" / "img_000000_x0.png").shape == (16 + 4, 4 * 18 + 2, 3)
     assert main(["sample", "--run", str(runs["continuous"]), "--num", "2", "--out", str(tmp_path / "x"),
                  "--steps", "21", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "S=21" in err[0]
+
+
+def test_sample_applies_a_refiner_after_decoding(runs, tmp_path):
+    """A hand-made refiner whose residual is the constant +0.1 (x 127.5 = +12.75 grey levels) in [-1, 1] space."""
+    R = tmp_path / "refiner"
+    torch.manual_seed(0)
+    unet = build_unet("refiner", 3, 3, 16)
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.constant_(unet.conv_out.bias, 0.1)
+    unet.save_pretrained(R / "model", safe_serialization=True)
+    (R / "config.json").write_text(json.dumps({"format": "mbldm-refiner", "version": 1}))
+
+    res = sample(runs["continuous"], 2, tmp_path / "o", steps=2, refiner=R, progress=False)
+    raw = np.stack([load_image(tmp_path / "o" / "raw" / f"img_{i:06d}.png") for i in range(2)])
+    refined = np.stack([load_image(tmp_path / "o" / f"img_{i:06d}.png") for i in range(2)])
+    assert np.array_equal(refined, np.minimum(raw.astype(int) + 13, 255))  # round(x + 12.75), clipped
+    assert res["summary"]["refiner"] == str(R.resolve())

@@ -1,0 +1,573 @@
+"""Training step cost: seconds and peak memory per training step of the latent denoiser (§4.2.1) beside the same
+U-Net trained on pixels, and of the categorical variant (§3.2.2) beside the continuous one, in the same run.
+
+The paper's cost argument (§4.2.1): a 512x512 image is a 64x64x6 latent under OPQ-32-8-8, so the ~50M-parameter
+U-Net ("paper" preset) works on 64x smaller feature maps than the same U-Net on 512x512x3 pixels.
+
+    .venv/bin/python benchmarks/train_step.py --batches 1,2,4 --resolutions 512,256 --steps 2
+
+Configurations (every one runs in its own fresh subprocess, so peak memory is per configuration):
+
+* ``latents``: preset ``--preset`` on (B, 2c, h, h) -> (B, c, h, h), c = 6, h = ``--latent-size`` (64): input z_t
+  with the self-conditioning channels (``schedule.self_condition_input``), loss ``losses.continuous_loss``
+  (Eq. 4, min-SNR gamma 5) on random indices mapped to [-1, 1].
+* ``categorical``: the same U-Net with c*K = 1536 output channels, viewed as logits (B, c, K, h, h)
+  (``categorical.logits_from_model_output``); loss ``losses.categorical_loss`` (Eq. 24: Gumbel-softmax Eq. 20 +
+  ``Codec.decode_soft`` Eq. 21 + eps_z); the target image is ``Codec.decode_torch`` of the random indices (as in
+  ``training.train``). The codec is ``--codec`` (default out/codecs/OPQ-32-8-8); when that is absent an
+  OPQ-32-8-8 codec is fitted once on the McM images with ``--fit-max-patches`` patches (speed does not depend on
+  the fit quality).
+* ``pixels``: the same U-Net configuration (block_out_channels, layers, attention) on RGB, 2*3 = 6 input channels
+  (x_t and a zero self-conditioning estimate, exactly as the latent model) -> 3 output channels, sample size R
+  for every R in ``--resolutions``, loss ``losses.continuous_loss`` on random images in [-1, 1].
+
+One training step = forward + loss + backward + gradient-norm clipping (1.0) + AdamW step (lr 1e-4, weight decay
+1e-6, as ``TrainConfig``), in float32. Not included, identically for every configuration: the EMA update, data
+loading, and the extra no-grad forward pass that ``train`` makes on half of the steps for self-conditioning
+(``--self-cond-pass`` includes it in every timed step). Data are random tensors (the cost does not depend on
+them), made before the timing.
+
+Timing: ``--warmup`` untimed steps, then ``--steps`` timed steps; the table gives the mean wall seconds and the
+mean CPU seconds (this process, all threads) per step. On a shared machine (see the load average) the wall time
+includes waiting for a CPU; the CPU time does not, so the ratios are given for both.
+
+Memory: peak RSS of the subprocess (``resource.getrusage().ru_maxrss``, includes Python, torch and the codec) and
+its RSS just before the first step (model, optimizer, data), plus ``torch.cuda.max_memory_allocated`` on CUDA.
+Guard: before its first step each subprocess measures the bytes autograd saves for backward on a probe step at
+1/8 of the side, extrapolates to the full size (x area, x1.5), adds gradients and AdamW states, and skips the
+configuration with a note when that exceeds MemAvailable minus ``--reserve-mb``. A subprocess that dies (e.g.
+out of memory) or runs past ``--timeout`` is reported as such.
+
+Writes (or replaces) the section "## Training step cost" of ``--out`` (default BENCHMARKS.md at the repo root)
+after every configuration, keeping the other sections.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _report when imported from elsewhere
+from _report import update_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+SECTION = "## Training step cost"
+DEFAULT_CODEC = REPO / "out" / "codecs" / "OPQ-32-8-8"
+KINDS = ("latents", "categorical", "pixels")
+LATENT_CHANNELS = 6  # c of OPQ-32-8-8 (Y 4, Cb 1, Cr 1 sub-quantizers)
+CODEBOOK_SIZE = 256  # K of OPQ-32-8-8
+PATCH = 8  # s: 64x64 latent <-> 512x512 image
+MIN_SNR_GAMMA = 5.0
+TAU = 1.0
+ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-6)  # TrainConfig defaults
+GRAD_CLIP = 1.0
+RESULT_TAG = "TRAIN_STEP_RESULT "
+
+
+def log(msg: str) -> None:
+    print(f"[train_step] {msg}", file=sys.stderr, flush=True)
+
+
+# ================================================================== worker (one configuration, own process)
+def _rss_mb() -> float:
+    """Current resident set size of this process in MB (from /proc/self/statm)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def mem_available_mb() -> float:
+    """MemAvailable of /proc/meminfo in MB (inf when unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return float("inf")
+
+
+def _make_batches(cfg: dict, n: int, device, c: int, K: int):
+    """``n`` tuples (x0 or z0, t, noise) of random data for the configuration, on ``device``."""
+    import torch
+
+    g = torch.Generator().manual_seed(cfg["seed"])
+    B, side = cfg["batch"], cfg["side"]
+    out = []
+    for _ in range(n):
+        t = torch.randint(0, 1000, (B,), generator=g)
+        if cfg["kind"] == "pixels":
+            x0 = torch.rand((B, 3, side, side), generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+            noise = torch.randn((B, 3, side, side), generator=g)
+        else:
+            x0 = torch.randint(0, K, (B, c, side, side), generator=g)  # (B, c, h, w) indices z0
+            noise = torch.randn((B, c, side, side), generator=g)
+        out.append((x0.to(device), t.to(device), noise.to(device)))
+    return out
+
+
+def _build(cfg: dict, device):
+    """(model, optimizer, step_fn, c, K, codec) for a configuration."""
+    import torch
+
+    from mbldm.diffusion import categorical, losses, schedule
+    from mbldm.diffusion.models import build_unet
+
+    kind = cfg["kind"]
+    codec = None
+    c, K = LATENT_CHANNELS, CODEBOOK_SIZE
+    if kind == "categorical":
+        from mbldm.codec import Codec
+
+        codec = Codec.load(cfg["codec"]).to(device)
+        c, K = codec.latent_channels, codec.num_codewords
+    C = 3 if kind == "pixels" else c  # channels of x_t
+    out_channels = c * K if kind == "categorical" else C
+    torch.manual_seed(cfg["seed"])
+    model = build_unet(cfg["preset"], in_channels=2 * C, out_channels=out_channels, sample_size=cfg["side"])
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
+    alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.make_betas("linear", 1000)).to(device)
+
+    def forward_loss(batch, self_cond_pass: bool):
+        x0, t, noise = batch
+        if kind != "pixels":
+            x0 = schedule.indices_to_unit(x0, K).float()  # (B, c, h, w) in [-1, 1]
+        z_t = schedule.q_sample(x0, t, noise, alphas_cumprod).float()  # (B, C, h, w)
+        cond = torch.zeros_like(z_t)
+        if self_cond_pass:  # the first, no-grad pass that train() makes on half of the steps
+            with torch.no_grad():
+                first = model(schedule.self_condition_input(z_t, cond), t).sample.float()
+                if kind == "categorical":
+                    w = categorical.gumbel_softmax(categorical.logits_from_model_output(first, c, K), TAU)
+                    cond = categorical.expected_index_unit(w, K)
+                else:
+                    cond = schedule.x0_from_eps(z_t, t, first, alphas_cumprod).clamp(-1.0, 1.0)
+            del first
+        out = model(schedule.self_condition_input(z_t, cond), t).sample.float()  # (B, C, h, w) or (B, c*K, h, w)
+        if kind == "categorical":
+            logits = categorical.logits_from_model_output(out, c, K)  # (B, c, K, h, w)
+            with torch.no_grad():
+                x0_image = codec.decode_torch(batch[0])  # (B, 3, H, W) in [0, 255], target of Eq. 24
+            return losses.categorical_loss(logits, x0_image, z_t, noise, t, alphas_cumprod, codec.decode_soft,
+                                           tau=TAU, min_snr_gamma=MIN_SNR_GAMMA).loss
+        return losses.continuous_loss(out, noise, t, alphas_cumprod, min_snr_gamma=MIN_SNR_GAMMA).loss
+
+    def step(batch, self_cond_pass: bool) -> float:
+        loss = forward_loss(batch, self_cond_pass)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, optimizer, forward_loss, step, c, K
+
+
+def _saved_bytes(model, forward_loss, batch) -> int:
+    """Bytes of the non-parameter tensors autograd saves for backward in one forward + loss (no backward run)."""
+    import torch
+
+    params = {p.data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        if x.data_ptr() not in params:
+            seen[x.data_ptr()] = max(seen.get(x.data_ptr(), 0), x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = forward_loss(batch, False)
+    del loss
+    return sum(seen.values())
+
+
+def estimate_step_mb(cfg: dict, device, factor: int) -> dict:
+    """Memory estimate of one step of ``cfg`` from a probe at 1/8 of the side (see the module docstring)."""
+    from mbldm.diffusion.models import count_parameters
+
+    side = cfg["side"]
+    probe_side = max(factor, (side // 8) // factor * factor)
+    probe_cfg = dict(cfg, side=probe_side)
+    model, _, forward_loss, _, c, K = _build(probe_cfg, device)
+    batch = _make_batches(probe_cfg, 1, device, c, K)[0]
+    saved = _saved_bytes(model, forward_loss, batch)
+    params_mb = count_parameters(model) * 4 / 2**20
+    del model, forward_loss, batch
+    activations_mb = saved / 2**20 * (side / probe_side) ** 2 * 1.5
+    return {"probe_side": probe_side, "probe_saved_mb": saved / 2**20, "activations_mb": activations_mb,
+            "weights_mb": params_mb, "states_mb": 3 * params_mb}  # gradients + AdamW exp_avg + exp_avg_sq
+
+
+def _volunteer_for_oom_killer() -> None:
+    """Make this worker the kernel OOM killer's first choice, so that a memory shortage ends the benchmark and not
+    another process on the shared machine (raising one's own oom_score_adj needs no privilege)."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
+
+
+def run_worker(cfg: dict) -> dict:
+    """Measure one configuration in this process; returns the result dict (also printed as JSON)."""
+    import gc
+
+    import torch
+
+    from mbldm.diffusion.models import count_parameters, preset_downsamplings
+
+    _volunteer_for_oom_killer()
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    cuda = device.type == "cuda"
+    res = dict(cfg)
+    factor = 2 ** preset_downsamplings(cfg["preset"])
+
+    est = estimate_step_mb(cfg, device, factor)
+    gc.collect()
+    res["estimate"] = est
+    need = est["activations_mb"] + est["weights_mb"] + est["states_mb"]
+    if cuda:
+        free = torch.cuda.mem_get_info(device)[0] / 2**20 - cfg["reserve_mb"]
+        where = "free GPU memory"
+    else:  # this process's current RSS (torch, the freed probe) is not in MemAvailable: not counted twice
+        free = mem_available_mb() - cfg["reserve_mb"]
+        where = "MemAvailable"
+    res["estimate"]["needed_mb"], res["estimate"]["free_mb"] = need, free
+    if need > free:
+        res["skipped"] = (f"estimated {need / 1024:.1f} GB for the step > {free / 1024:.1f} GB ({where} minus "
+                          f"--reserve-mb {cfg['reserve_mb']})")
+        return res
+
+    model, optimizer, _, step, c, K = _build(cfg, device)
+    res["params"] = count_parameters(model)
+    res["in_channels"], res["out_channels"] = model.config.in_channels, model.config.out_channels
+    batches = _make_batches(cfg, cfg["warmup"] + cfg["steps"], device, c, K)
+    res["rss_before_mb"] = _rss_mb()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for i in range(cfg["warmup"]):
+            step(batches[i], cfg["self_cond_pass"])
+            log(f"  {cfg['label']} B={cfg['batch']}: warm-up step {i + 1} done")
+        walls, cpus, losses_ = [], [], []
+        for i in range(cfg["warmup"], cfg["warmup"] + cfg["steps"]):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            losses_.append(step(batches[i], cfg["self_cond_pass"]))  # float(): waits for the device
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            log(f"  {cfg['label']} B={cfg['batch']}: step {i + 1 - cfg['warmup']}/{cfg['steps']} "
+                f"{walls[-1]:.2f} s wall, {cpus[-1]:.2f} s CPU")
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if "memory" not in str(exc).lower() and not isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+            raise
+        res["skipped"] = f"out of memory during the step ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        res["peak_rss_mb"] = _peak_rss_mb()
+        return res
+    res.update(wall_s=walls, cpu_s=cpus, loss=losses_, peak_rss_mb=_peak_rss_mb())
+    if cuda:
+        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return res
+
+
+# ================================================================== driver
+def parse_ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{name}: expected positive integers, got {text!r}")
+    return values
+
+
+def plan(args) -> list[dict]:
+    """The configurations to run, cheapest kinds first (so a time-boxed run keeps the most results)."""
+    common = dict(preset=args.preset, steps=args.steps, warmup=args.warmup, threads=args.threads,
+                  device=args.device, seed=0, self_cond_pass=args.self_cond_pass, reserve_mb=args.reserve_mb)
+    h = args.latent_size
+    cfgs = []
+    if "latents" in args.only:
+        cfgs += [dict(common, kind="latents", label=f"latents {h}x{h}x{LATENT_CHANNELS}", side=h, batch=b)
+                 for b in args.batches]
+    if "categorical" in args.only:
+        cfgs += [dict(common, kind="categorical", label=f"categorical {h}x{h}x{LATENT_CHANNELS}", side=h, batch=b,
+                      codec=args.codec) for b in args.categorical_batches]
+    if "pixels" in args.only:
+        for r in sorted(args.resolutions):
+            for b in args.pixel_batches:
+                cfg = dict(common, kind="pixels", label=f"pixels {r}x{r}x3", side=r, batch=b)
+                if b * r * r > args.max_pixels:
+                    cfg["skipped"] = (f"not run: {b} x {r}x{r} = {b * r * r:,} pixels per step > --max-pixels "
+                                      f"{args.max_pixels:,}")
+                cfgs.append(cfg)
+    return cfgs
+
+
+def run_config(cfg: dict, args) -> dict:
+    """Run ``cfg`` in a fresh subprocess (same interpreter, same nice level) and return its result."""
+    if "skipped" in cfg:
+        return dict(cfg)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=args.timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return dict(cfg, skipped=f"killed after --timeout {args.timeout:g} s")
+    elapsed = time.perf_counter() - t0
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return dict(json.loads(line[len(RESULT_TAG):]), process_s=elapsed)
+    return dict(cfg, skipped=f"subprocess exited with code {proc.returncode} and no result (killed for memory?)")
+
+
+def ensure_codec(args) -> str:
+    """Path of the codec for the categorical configurations (fitting a small one in a temp folder if needed)."""
+    if args.codec and Path(args.codec).is_dir():
+        args.codec_desc = f"`{Path(args.codec).relative_to(REPO) if Path(args.codec).is_relative_to(REPO) else args.codec}`"
+        return args.codec
+    import tempfile
+
+    from mbldm.codec import Codec
+    from mbldm.io.images import load_image, scan_images
+
+    paths = list(scan_images(DATA / "mcm"))
+    if not paths:
+        raise FileNotFoundError(f"{args.codec}: no codec there, and no McM images in {DATA / 'mcm'} to fit one")
+    log(f"{args.codec}: not found; fitting OPQ-32-8-8 on {len(paths)} McM images, max_patches={args.fit_max_patches}")
+    codec = Codec.fit([load_image(p) for p in paths], spec="OPQ-32-8-8", max_patches=args.fit_max_patches)
+    out = Path(tempfile.mkdtemp(prefix="train_step_codec_")) / "OPQ-32-8-8"
+    codec.save(out)
+    args.codec_desc = f"OPQ-32-8-8 fitted for this run on the {len(paths)} McM images ({args.fit_max_patches:,} patches)"
+    return str(out)
+
+
+# ------------------------------------------------------------------ report
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> str:
+    try:
+        return "{:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _fmt_ratio(a: dict | None, b: dict | None, key: str) -> str:
+    if not a or not b or key not in a or key not in b:
+        return "n/a"
+    return f"{_mean(a[key]) / _mean(b[key]):.1f}x" if isinstance(a[key], list) else f"{a[key] / b[key]:.2f}x"
+
+
+def _step_mb_ratio(a: dict, b: dict) -> str:
+    """Ratio of the steps' own memory (peak RSS minus RSS before the first step)."""
+    da, db = a["peak_rss_mb"] - a["rss_before_mb"], b["peak_rss_mb"] - b["rss_before_mb"]
+    return f"{da / db:.1f}x" if db > 0 else "n/a"
+
+
+def render_section(results: list[dict], args, info: dict, finished: bool) -> str:
+    import torch
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cuda = any(r.get("device", "").startswith("cuda") for r in results)
+    head = ("| config | batch | in -> out ch | params | wall s/step | CPU s/step | RSS before MB | peak RSS MB | "
+            "step MB | estimate MB |")
+    sep = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    if cuda:
+        head, sep = head + " peak CUDA MB |", sep + "---:|"
+    rows, notes = [], []
+    for r in results:
+        if "wall_s" in r:
+            cells = [r["label"], str(r["batch"]), f"{r['in_channels']} -> {r['out_channels']}", f"{r['params']:,}",
+                     f"{_mean(r['wall_s']):.2f}", f"{_mean(r['cpu_s']):.2f}", f"{r['rss_before_mb']:,.0f}",
+                     f"{r['peak_rss_mb']:,.0f}", f"{r['peak_rss_mb'] - r['rss_before_mb']:,.0f}",
+                     f"{r['estimate']['needed_mb']:,.0f}"]
+            if cuda:
+                cells.append(f"{r.get('cuda_peak_mb', float('nan')):,.0f}")
+        else:
+            est = r.get("estimate", {}).get("needed_mb")
+            cells = ([r["label"], str(r["batch"]), "", "", "not run", "", "", "", ""] +
+                     [f"{est:,.0f}" if est is not None else ""] + ([""] if cuda else []))
+            notes.append(f"{r['label']} batch {r['batch']}: {r['skipped']}.")
+        rows.append("| " + " | ".join(cells) + " |")
+
+    def find(kind, side, batch):
+        for r in results:
+            if r["kind"] == kind and r["side"] == side and r["batch"] == batch and "wall_s" in r:
+                return r
+        return None
+
+    h = args.latent_size
+    ratio_rows = []
+    batches = sorted({r["batch"] for r in results})
+    for res_ in sorted(args.resolutions, reverse=True):
+        for b in batches:
+            p, lat = find("pixels", res_, b), find("latents", h, b)
+            if p and lat:
+                ratio_rows.append(f"| pixels {res_}x{res_}x3 / latents {h}x{h}x{LATENT_CHANNELS} | {b} | "
+                                  f"{_fmt_ratio(p, lat, 'wall_s')} | {_fmt_ratio(p, lat, 'cpu_s')} | "
+                                  f"{_fmt_ratio(p, lat, 'peak_rss_mb')} | {_step_mb_ratio(p, lat)} |")
+    for b in batches:
+        cat, lat = find("categorical", h, b), find("latents", h, b)
+        if cat and lat:
+            ratio_rows.append(f"| categorical / continuous latents {h}x{h}x{LATENT_CHANNELS} | {b} | "
+                              f"{_fmt_ratio(cat, lat, 'wall_s')} | {_fmt_ratio(cat, lat, 'cpu_s')} | "
+                              f"{_fmt_ratio(cat, lat, 'peak_rss_mb')} | {_step_mb_ratio(cat, lat)} |")
+    lines = [
+        SECTION, "",
+        f"Measured {date} with `{info['command']}`" + ("" if finished else " (run in progress: partial)") + ".",
+        f"Machine: {cpu_model()}; {os.cpu_count()} logical CPUs, {info['mem_total_gb']:.0f} GB RAM; device "
+        f"{args.device}; torch threads {args.threads} (OMP_NUM_THREADS={args.threads}), nice {info['nice']}; load "
+        f"average (1/5/15 min) {info['load_start']} at the start, {loadavg()} at the end; Python "
+        f"{platform.python_version()}, torch {torch.__version__}.",
+        f"U-Net preset `{args.preset}` (the same block_out_channels / layers / mid-block attention for every row); "
+        f"{args.warmup} warm-up step(s), mean of {args.steps} timed step(s); each configuration in a fresh "
+        "subprocess. A step: forward + loss + backward + grad-norm clipping + AdamW, float32"
+        + (", including the no-grad self-conditioning pass" if args.self_cond_pass else
+           " (self-conditioning input channels with a zero estimate; the extra no-grad pass of half the training "
+           "steps is not included)") + ".",
+        f"Losses: latents and pixels `losses.continuous_loss` (Eq. 4, min-SNR gamma {MIN_SNR_GAMMA:g}); categorical "
+        f"`losses.categorical_loss` (Eq. 24, tau {TAU:g}) with `Codec.decode_soft` of "
+        f"{getattr(args, 'codec_desc', 'no codec (categorical not run)')}.",
+        "",
+        head, sep, *rows,
+    ]
+    if ratio_rows:
+        lines += ["", "| ratio | batch | wall s/step | CPU s/step | peak RSS | step MB |",
+                  "|---|---:|---:|---:|---:|---:|",
+                  *ratio_rows]
+    lines += [""] + notes + [
+        "Pixel models take 6 input channels (RGB x_t + a zero self-conditioning estimate) and predict 3, as the "
+        f"latent model takes 2c = {2 * LATENT_CHANNELS} and predicts c = {LATENT_CHANNELS} (categorical: "
+        f"c*K = {LATENT_CHANNELS * CODEBOOK_SIZE} logits). Peak RSS is the whole subprocess (Python, torch, codec "
+        "tables); 'RSS before' is after building the model, optimizer and data (and after the memory probe, which "
+        "runs one forward at 1/8 of the side first), 'step MB' = peak - before is the step's own memory "
+        "(activations, gradients, AdamW states), and 'estimate MB' is the guard's prediction of it. CPU s is this process's CPU time (all threads): on this shared machine the wall time also "
+        "counts waiting for a CPU, so the CPU-time ratio is the cleaner measure of cost.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # internal: one configuration in this fresh process
+        result = run_worker(json.loads(argv[1]))
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split(
+                                         "\n\n", 1)[1])
+    parser.add_argument("--preset", default="paper", help="U-Net preset (default: paper, ~48.5M parameters)")
+    parser.add_argument("--batches", type=lambda s: parse_ints(s, "--batches"), default=[1, 2, 4],
+                        help="batch sizes of the latent (continuous) model (default 1,2,4)")
+    parser.add_argument("--categorical-batches", type=lambda s: parse_ints(s, "--categorical-batches"),
+                        help="batch sizes of the categorical model (default: --batches)")
+    parser.add_argument("--pixel-batches", type=lambda s: parse_ints(s, "--pixel-batches"),
+                        help="batch sizes of the pixel models (default: --batches, limited by --max-pixels)")
+    parser.add_argument("--resolutions", type=lambda s: parse_ints(s, "--resolutions"), default=[512, 256],
+                        help="image sides of the pixel models (default 512,256)")
+    parser.add_argument("--max-pixels", type=int, default=512 * 512,
+                        help="pixel configurations with batch*H*W above this are not run (default 512*512: batch 1 "
+                             "only at 512)")
+    parser.add_argument("--latent-size", type=int, default=64, help="latent side h (default 64: 512x512 images)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration (default 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, help="torch / OpenMP threads (default: $OMP_NUM_THREADS or all CPUs)")
+    parser.add_argument("--only", action="append", choices=KINDS,
+                        help="run only this kind (repeatable; default: all three)")
+    parser.add_argument("--self-cond-pass", action="store_true",
+                        help="include the no-grad self-conditioning pass in every timed step")
+    parser.add_argument("--codec", default=str(DEFAULT_CODEC), help="codec for the categorical loss")
+    parser.add_argument("--fit-max-patches", type=int, default=30_000,
+                        help="patches per channel when a codec must be fitted (default 30000)")
+    parser.add_argument("--reserve-mb", type=float, default=3000,
+                        help="memory left to other processes: skip a configuration whose estimate exceeds "
+                             "MemAvailable minus this (default 3000)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (default 1800)")
+    parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update")
+    parser.add_argument("--no-write", action="store_true", help="print the section, do not write --out")
+    parser.add_argument("--json", help="also write the raw per-configuration results to this JSON file")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.latent_size) < 1 or args.warmup < 0:
+        parser.error("--steps and --latent-size must be >= 1, --warmup >= 0")
+    args.only = args.only or list(KINDS)
+    args.categorical_batches = args.categorical_batches or args.batches
+    args.pixel_batches = args.pixel_batches or args.batches
+    if args.threads is None:
+        args.threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    import torch
+
+    from mbldm.io.atomic import write_json
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "categorical" in args.only:
+        args.codec = ensure_codec(args)
+
+    info = {"command": "python benchmarks/train_step.py " + " ".join(argv), "load_start": loadavg(),
+            "nice": os.nice(0), "mem_total_gb": _mem_total_gb()}
+    cfgs = plan(args)
+    results = []
+    for i, cfg in enumerate(cfgs):
+        log(f"[{i + 1}/{len(cfgs)}] {cfg['label']} batch {cfg['batch']}" +
+            (f": {cfg['skipped']}" if "skipped" in cfg else f" (available {mem_available_mb() / 1024:.1f} GB)"))
+        r = run_config(cfg, args)
+        results.append(r)
+        if "wall_s" in r:
+            log(f"    {_mean(r['wall_s']):.2f} s/step wall, {_mean(r['cpu_s']):.2f} s/step CPU, "
+                f"peak RSS {r['peak_rss_mb']:,.0f} MB, {r['params']:,} params")
+        elif "skipped" in r:
+            log(f"    not run: {r['skipped']}")
+        section = render_section(results, args, info, finished=i == len(cfgs) - 1)
+        if not args.no_write:
+            update_section(args.out, SECTION, section)
+        if args.json:
+            write_json(args.json, {"command": info["command"], "results": results})
+    print(section)
+    if not args.no_write:
+        log(f"wrote section {SECTION!r} of {args.out}")
+    return 0
+
+
+def _mem_total_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError):
+        pass
+    return float("nan")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
