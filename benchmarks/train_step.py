@@ -34,7 +34,7 @@ includes waiting for a CPU; the CPU time does not, so the ratios are given for b
 Memory: peak RSS of the subprocess (``resource.getrusage().ru_maxrss``, includes Python, torch and the codec) and
 its RSS just before the first step (model, optimizer, data), plus ``torch.cuda.max_memory_allocated`` on CUDA.
 Guard: before its first step each subprocess measures the bytes autograd saves for backward on a probe step at
-1/8 of the side, extrapolates to the full size (x area, x1.5), adds gradients and AdamW states, and skips the
+1/8 of the side, extrapolates to the full size (x area, x1.2 slack), adds gradients and AdamW states, and skips the
 configuration with a note when that exceeds MemAvailable minus ``--reserve-mb``. A subprocess that dies (e.g.
 out of memory) or runs past ``--timeout`` is reported as such.
 
@@ -49,6 +49,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -70,6 +71,9 @@ TAU = 1.0
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-6)  # TrainConfig defaults
 GRAD_CLIP = 1.0
 RESULT_TAG = "TRAIN_STEP_RESULT "
+# The bytes autograd saves, scaled from the probe, were 0.90-0.92x of the measured activation memory (step memory
+# minus gradients and AdamW states) for the paper preset (latents B=4, categorical B=2, pixels 256 B=1).
+ACTIVATION_SLACK = 1.2
 
 
 def log(msg: str) -> None:
@@ -121,7 +125,11 @@ def _make_batches(cfg: dict, n: int, device, c: int, K: int):
 
 
 def _build(cfg: dict, device):
-    """(model, optimizer, step_fn, c, K, codec) for a configuration."""
+    """(model, optimizer, forward_loss, step, c, K) for a configuration.
+
+    ``forward_loss(batch, self_cond_pass)`` returns the scalar loss (graph attached); ``step(batch, self_cond_pass)``
+    runs one full training step and returns the loss as a float. ``batch`` is a tuple from ``_make_batches``.
+    """
     import torch
 
     from mbldm.diffusion import categorical, losses, schedule
@@ -208,7 +216,7 @@ def estimate_step_mb(cfg: dict, device, factor: int) -> dict:
     saved = _saved_bytes(model, forward_loss, batch)
     params_mb = count_parameters(model) * 4 / 2**20
     del model, forward_loss, batch
-    activations_mb = saved / 2**20 * (side / probe_side) ** 2 * 1.5
+    activations_mb = saved / 2**20 * (side / probe_side) ** 2 * ACTIVATION_SLACK
     return {"probe_side": probe_side, "probe_saved_mb": saved / 2**20, "activations_mb": activations_mb,
             "weights_mb": params_mb, "states_mb": 3 * params_mb}  # gradients + AdamW exp_avg + exp_avg_sq
 
@@ -262,9 +270,16 @@ def run_worker(cfg: dict) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     try:
+        res["measured_at"] = _utc_now()
+        res["load_start"] = loadavg()
+        warm_walls, warm_cpus = [], []
         for i in range(cfg["warmup"]):
+            t0, c0 = time.perf_counter(), time.process_time()
             step(batches[i], cfg["self_cond_pass"])
-            log(f"  {cfg['label']} B={cfg['batch']}: warm-up step {i + 1} done")
+            warm_walls.append(time.perf_counter() - t0)
+            warm_cpus.append(time.process_time() - c0)
+            log(f"  {cfg['label']} B={cfg['batch']}: warm-up step {i + 1} {warm_walls[-1]:.2f} s wall, "
+                f"{warm_cpus[-1]:.2f} s CPU")
         walls, cpus, losses_ = [], [], []
         for i in range(cfg["warmup"], cfg["warmup"] + cfg["steps"]):
             if cuda:
@@ -281,7 +296,8 @@ def run_worker(cfg: dict) -> dict:
         res["skipped"] = f"out of memory during the step ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
         res["peak_rss_mb"] = _peak_rss_mb()
         return res
-    res.update(wall_s=walls, cpu_s=cpus, loss=losses_, peak_rss_mb=_peak_rss_mb())
+    res.update(wall_s=walls, cpu_s=cpus, warmup_wall_s=warm_walls, warmup_cpu_s=warm_cpus, loss=losses_,
+               peak_rss_mb=_peak_rss_mb(), load_end=loadavg())
     if cuda:
         res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return res
@@ -301,7 +317,8 @@ def parse_ints(text: str, name: str) -> list[int]:
 def plan(args) -> list[dict]:
     """The configurations to run, cheapest kinds first (so a time-boxed run keeps the most results)."""
     common = dict(preset=args.preset, steps=args.steps, warmup=args.warmup, threads=args.threads,
-                  device=args.device, seed=0, self_cond_pass=args.self_cond_pass, reserve_mb=args.reserve_mb)
+                  device=args.device, seed=0, self_cond_pass=args.self_cond_pass, reserve_mb=args.reserve_mb,
+                  nice=os.nice(0))
     h = args.latent_size
     cfgs = []
     if "latents" in args.only:
@@ -309,7 +326,8 @@ def plan(args) -> list[dict]:
                  for b in args.batches]
     if "categorical" in args.only:
         cfgs += [dict(common, kind="categorical", label=f"categorical {h}x{h}x{LATENT_CHANNELS}", side=h, batch=b,
-                      codec=args.codec) for b in args.categorical_batches]
+                      codec=args.codec, codec_desc=getattr(args, "codec_desc", None))
+                 for b in args.categorical_batches]
     if "pixels" in args.only:
         for r in sorted(args.resolutions):
             for b in args.pixel_batches:
@@ -388,76 +406,135 @@ def _fmt_ratio(a: dict | None, b: dict | None, key: str) -> str:
     return f"{_mean(a[key]) / _mean(b[key]):.1f}x" if isinstance(a[key], list) else f"{a[key] / b[key]:.2f}x"
 
 
+def _needed_mb(r: dict) -> float:
+    """The guard's estimate of a step's memory, recomputed from the stored probe with today's ACTIVATION_SLACK."""
+    e = r["estimate"]
+    return e["probe_saved_mb"] * (r["side"] / e["probe_side"]) ** 2 * ACTIVATION_SLACK + e["weights_mb"] + e["states_mb"]
+
+
 def _step_mb_ratio(a: dict, b: dict) -> str:
     """Ratio of the steps' own memory (peak RSS minus RSS before the first step)."""
     da, db = a["peak_rss_mb"] - a["rss_before_mb"], b["peak_rss_mb"] - b["rss_before_mb"]
     return f"{da / db:.1f}x" if db > 0 else "n/a"
 
 
-def render_section(results: list[dict], args, info: dict, finished: bool) -> str:
+def _commands(results: list[dict]) -> dict[str, int]:
+    """The distinct commands that measured ``results``, numbered 1, 2, ... in order of appearance."""
+    tags: dict[str, int] = {}
+    for r in results:
+        if "command" in r:
+            tags.setdefault(r["command"], len(tags) + 1)
+    return tags
+
+
+def _command_line(tag: int, command: str, rows: list[dict]) -> str:
+    """One line describing an invocation: its command, when its rows were measured and the load around them."""
+    when = sorted(r["measured_at"] for r in rows if "measured_at" in r)
+    loads = [r[k] for r in rows for k in ("load_start", "load_end") if k in r]
+    nice = sorted({r["nice"] for r in rows if "nice" in r})
+    parts = [f"[{tag}] `{command}`"]
+    if when:
+        parts.append(f"rows measured {when[0]}" + (f" to {when[-1]}" if when[-1] != when[0] else ""))
+    if loads:
+        parts.append(f"load average (1/5/15 min) {loads[0]} before the first row, {loads[-1]} after the last")
+    if nice:
+        parts.append(f"nice {', '.join(map(str, nice))}")
+    return "; ".join(parts) + "."
+
+
+def _codec_description(results: list[dict]) -> str:
+    for r in results:
+        if r["kind"] == "categorical" and "wall_s" in r:
+            if r.get("codec_desc"):
+                return r["codec_desc"]
+            path = Path(r["codec"])
+            return f"`{path.relative_to(REPO)}`" if path.is_relative_to(REPO) else f"`{path}`"
+    return "no codec (categorical not run)"
+
+
+def render_section(results: list[dict], info: dict, finished: bool) -> str:
+    """The markdown section for ``results`` (measured now or carried over with --resume)."""
     import torch
 
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cuda = any(r.get("device", "").startswith("cuda") for r in results)
-    head = ("| config | batch | in -> out ch | params | wall s/step | CPU s/step | RSS before MB | peak RSS MB | "
-            "step MB | estimate MB |")
-    sep = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    measured = [r for r in results if "wall_s" in r]
+    cuda = any(r["device"].startswith("cuda") for r in measured)
+    tags = _commands(measured)
+    head = ("| config | batch | in -> out ch | params | warm-up + timed steps | wall s/step | CPU s/step | RSS before MB "
+            "| peak RSS MB | step MB | estimate MB |")
+    sep = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if cuda:
         head, sep = head + " peak CUDA MB |", sep + "---:|"
     rows, notes = [], []
+    results = sorted(results, key=lambda r: (KINDS.index(r["kind"]), r["side"], r["batch"]))
     for r in results:
         if "wall_s" in r:
-            cells = [r["label"], str(r["batch"]), f"{r['in_channels']} -> {r['out_channels']}", f"{r['params']:,}",
-                     f"{_mean(r['wall_s']):.2f}", f"{_mean(r['cpu_s']):.2f}", f"{r['rss_before_mb']:,.0f}",
-                     f"{r['peak_rss_mb']:,.0f}", f"{r['peak_rss_mb'] - r['rss_before_mb']:,.0f}",
-                     f"{r['estimate']['needed_mb']:,.0f}"]
+            tag = f" [{tags[r['command']]}]" if len(tags) > 1 else ""
+            cells = [r["label"] + tag, str(r["batch"]), f"{r['in_channels']} -> {r['out_channels']}",
+                     f"{r['params']:,}", f"{r['warmup']} + {len(r['wall_s'])}", f"{_mean(r['wall_s']):.2f}",
+                     f"{_mean(r['cpu_s']):.2f}", f"{r['rss_before_mb']:,.0f}", f"{r['peak_rss_mb']:,.0f}",
+                     f"{r['peak_rss_mb'] - r['rss_before_mb']:,.0f}", f"{_needed_mb(r):,.0f}"]
             if cuda:
                 cells.append(f"{r.get('cuda_peak_mb', float('nan')):,.0f}")
         else:
             est = r.get("estimate", {}).get("needed_mb")
-            cells = ([r["label"], str(r["batch"]), "", "", "not run", "", "", "", ""] +
-                     [f"{est:,.0f}" if est is not None else ""] + ([""] if cuda else []))
+            cells = ([r["label"], str(r["batch"]), "", "", "", "not run", "", "", "", "",
+                      f"{est:,.0f}" if est is not None else ""] + ([""] if cuda else []))
             notes.append(f"{r['label']} batch {r['batch']}: {r['skipped']}.")
         rows.append("| " + " | ".join(cells) + " |")
 
     def find(kind, side, batch):
-        for r in results:
-            if r["kind"] == kind and r["side"] == side and r["batch"] == batch and "wall_s" in r:
+        for r in measured:
+            if r["kind"] == kind and r["side"] == side and r["batch"] == batch:
                 return r
         return None
 
-    h = args.latent_size
     ratio_rows = []
-    batches = sorted({r["batch"] for r in results})
-    for res_ in sorted(args.resolutions, reverse=True):
+    batches = sorted({r["batch"] for r in measured})
+    latent_sides = sorted({r["side"] for r in measured if r["kind"] == "latents"})
+    for h in latent_sides:
+        lat_name = f"latents {h}x{h}x{LATENT_CHANNELS}"
+        for side in sorted({r["side"] for r in measured if r["kind"] == "pixels"}, reverse=True):
+            for b in batches:
+                p, lat = find("pixels", side, b), find("latents", h, b)
+                if p and lat:
+                    ratio_rows.append(f"| pixels {side}x{side}x3 / {lat_name} | {b} | {_fmt_ratio(p, lat, 'wall_s')} "
+                                      f"| {_fmt_ratio(p, lat, 'cpu_s')} | {_fmt_ratio(p, lat, 'peak_rss_mb')} | "
+                                      f"{_step_mb_ratio(p, lat)} |")
         for b in batches:
-            p, lat = find("pixels", res_, b), find("latents", h, b)
-            if p and lat:
-                ratio_rows.append(f"| pixels {res_}x{res_}x3 / latents {h}x{h}x{LATENT_CHANNELS} | {b} | "
-                                  f"{_fmt_ratio(p, lat, 'wall_s')} | {_fmt_ratio(p, lat, 'cpu_s')} | "
-                                  f"{_fmt_ratio(p, lat, 'peak_rss_mb')} | {_step_mb_ratio(p, lat)} |")
-    for b in batches:
-        cat, lat = find("categorical", h, b), find("latents", h, b)
-        if cat and lat:
-            ratio_rows.append(f"| categorical / continuous latents {h}x{h}x{LATENT_CHANNELS} | {b} | "
-                              f"{_fmt_ratio(cat, lat, 'wall_s')} | {_fmt_ratio(cat, lat, 'cpu_s')} | "
-                              f"{_fmt_ratio(cat, lat, 'peak_rss_mb')} | {_step_mb_ratio(cat, lat)} |")
+            cat, lat = find("categorical", h, b), find("latents", h, b)
+            if cat and lat:
+                ratio_rows.append(f"| categorical / continuous {lat_name} | {b} | {_fmt_ratio(cat, lat, 'wall_s')} | "
+                                  f"{_fmt_ratio(cat, lat, 'cpu_s')} | {_fmt_ratio(cat, lat, 'peak_rss_mb')} | "
+                                  f"{_step_mb_ratio(cat, lat)} |")
+
+    def values(key):
+        return ", ".join(str(v) for v in sorted({r[key] for r in measured})) or "n/a"
+
+    self_cond = {r["self_cond_pass"] for r in measured}
     lines = [
         SECTION, "",
-        f"Measured {date} with `{info['command']}`" + ("" if finished else " (run in progress: partial)") + ".",
+        f"Written {_utc_now()} by `{info['command']}`" + ("" if finished else " (run in progress: partial)") + ".",
+    ]
+    if len(tags) > 1:
+        lines.append("Rows were measured by " + str(len(tags)) + " invocations (the tag after each row's name), "
+                     "the later ones with --resume (same machine and settings except as stated):")
+        lines += [""] + [f"- {_command_line(t, c, [r for r in measured if r['command'] == c])}"
+                         for c, t in tags.items()] + [""]
+    elif tags:
+        c = next(iter(tags))
+        lines.append("Measured with " + _command_line(1, c, measured)[4:])
+    lines += [
         f"Machine: {cpu_model()}; {os.cpu_count()} logical CPUs, {info['mem_total_gb']:.0f} GB RAM; device "
-        f"{args.device}; torch threads {args.threads} (OMP_NUM_THREADS={args.threads}), nice {info['nice']}; load "
-        f"average (1/5/15 min) {info['load_start']} at the start, {loadavg()} at the end; Python "
+        f"{values('device')}; torch threads {values('threads')} (OMP_NUM_THREADS likewise); Python "
         f"{platform.python_version()}, torch {torch.__version__}.",
-        f"U-Net preset `{args.preset}` (the same block_out_channels / layers / mid-block attention for every row); "
-        f"{args.warmup} warm-up step(s), mean of {args.steps} timed step(s); each configuration in a fresh "
-        "subprocess. A step: forward + loss + backward + grad-norm clipping + AdamW, float32"
-        + (", including the no-grad self-conditioning pass" if args.self_cond_pass else
+        f"U-Net preset `{values('preset')}` (the same block_out_channels / layers / mid-block attention for every "
+        "row); untimed warm-up step(s), then the mean of the timed steps (counts per row); each configuration in a "
+        "fresh subprocess. A step: forward + loss + backward + grad-norm clipping + AdamW, float32"
+        + (", including the no-grad self-conditioning pass" if self_cond == {True} else
            " (self-conditioning input channels with a zero estimate; the extra no-grad pass of half the training "
-           "steps is not included)") + ".",
+           "steps is not included)" if self_cond == {False} else "") + ".",
         f"Losses: latents and pixels `losses.continuous_loss` (Eq. 4, min-SNR gamma {MIN_SNR_GAMMA:g}); categorical "
-        f"`losses.categorical_loss` (Eq. 24, tau {TAU:g}) with `Codec.decode_soft` of "
-        f"{getattr(args, 'codec_desc', 'no codec (categorical not run)')}.",
+        f"`losses.categorical_loss` (Eq. 24, tau {TAU:g}) with `Codec.decode_soft` of {_codec_description(results)}.",
         "",
         head, sep, *rows,
     ]
@@ -465,14 +542,19 @@ def render_section(results: list[dict], args, info: dict, finished: bool) -> str
         lines += ["", "| ratio | batch | wall s/step | CPU s/step | peak RSS | step MB |",
                   "|---|---:|---:|---:|---:|---:|",
                   *ratio_rows]
-    lines += [""] + notes + [
+    if any(r["warmup"] == 0 for r in measured):
+        notes.append("Rows with 0 warm-up steps time the very first step, which also pays one-time costs (first "
+                     "touch of freshly allocated memory, AdamW state allocation, oneDNN set-up): they slightly "
+                     "overstate that configuration's per-step cost (used to fit the slowest row in the time box).")
+    lines += [""] + notes + info.get("notes", []) + [
         "Pixel models take 6 input channels (RGB x_t + a zero self-conditioning estimate) and predict 3, as the "
         f"latent model takes 2c = {2 * LATENT_CHANNELS} and predicts c = {LATENT_CHANNELS} (categorical: "
         f"c*K = {LATENT_CHANNELS * CODEBOOK_SIZE} logits). Peak RSS is the whole subprocess (Python, torch, codec "
         "tables); 'RSS before' is after building the model, optimizer and data (and after the memory probe, which "
         "runs one forward at 1/8 of the side first), 'step MB' = peak - before is the step's own memory "
-        "(activations, gradients, AdamW states), and 'estimate MB' is the guard's prediction of it. CPU s is this process's CPU time (all threads): on this shared machine the wall time also "
-        "counts waiting for a CPU, so the CPU-time ratio is the cleaner measure of cost.",
+        "(activations, gradients, AdamW states), and 'estimate MB' is the guard's prediction of it. CPU s is this "
+        "process's CPU time (all threads): on a shared machine the wall time also counts waiting for a CPU, so the "
+        "CPU-time ratio is the cleaner measure of cost.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -517,6 +599,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "BENCHMARKS.md"), help="markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="print the section, do not write --out")
     parser.add_argument("--json", help="also write the raw per-configuration results to this JSON file")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence to add under the table (repeatable; kept in --json for later re-renders)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: rewrite the section from the results in --json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the measured results already in --json and run only the configurations they lack "
+                             "(for time-boxed runs on a shared machine; the rows are marked in the table)")
     args = parser.parse_args(argv)
     if min(args.steps, args.latent_size) < 1 or args.warmup < 0:
         parser.error("--steps and --latent-size must be >= 1, --warmup >= 0")
@@ -531,32 +620,86 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "categorical" in args.only:
+    args.resume = args.resume or args.report_only
+    if "categorical" in args.only and not args.report_only:
         args.codec = ensure_codec(args)
 
-    info = {"command": "python benchmarks/train_step.py " + " ".join(argv), "load_start": loadavg(),
-            "nice": os.nice(0), "mem_total_gb": _mem_total_gb()}
+    info = {"command": "python benchmarks/train_step.py " + _shown_args(argv), "mem_total_gb": _mem_total_gb(),
+            "notes": list(args.note)}
     cfgs = plan(args)
     results = []
+    if args.resume:
+        previous = _load_previous(args.json)
+        results = [dict(r, carried_over=True, command=r.get("command", previous["command"]))
+                   for r in previous["results"] if "wall_s" in r]
+        info["notes"] = [n for n in previous.get("notes", []) if n not in args.note] + info["notes"]
+        done = {_config_key(r) for r in results}
+        cfgs = [] if args.report_only else [cfg for cfg in cfgs if _config_key(cfg) not in done]
+        log(f"--resume: {len(results)} measured configuration(s) from {args.json}; {len(cfgs)} to run")
+
+    def publish(finished: bool) -> str:
+        section = render_section(results, info, finished=finished)
+        if not args.no_write:
+            update_section(args.out, SECTION, section)
+        if args.json:
+            write_json(args.json, {"command": info["command"], "notes": info["notes"], "results": results})
+        return section
+
+    section = publish(finished=not cfgs)
     for i, cfg in enumerate(cfgs):
         log(f"[{i + 1}/{len(cfgs)}] {cfg['label']} batch {cfg['batch']}" +
             (f": {cfg['skipped']}" if "skipped" in cfg else f" (available {mem_available_mb() / 1024:.1f} GB)"))
-        r = run_config(cfg, args)
+        r = dict(run_config(cfg, args), command=info["command"])
         results.append(r)
         if "wall_s" in r:
             log(f"    {_mean(r['wall_s']):.2f} s/step wall, {_mean(r['cpu_s']):.2f} s/step CPU, "
                 f"peak RSS {r['peak_rss_mb']:,.0f} MB, {r['params']:,} params")
         elif "skipped" in r:
             log(f"    not run: {r['skipped']}")
-        section = render_section(results, args, info, finished=i == len(cfgs) - 1)
-        if not args.no_write:
-            update_section(args.out, SECTION, section)
-        if args.json:
-            write_json(args.json, {"command": info["command"], "results": results})
+        section = publish(finished=i == len(cfgs) - 1)
     print(section)
     if not args.no_write:
         log(f"wrote section {SECTION!r} of {args.out}")
     return 0
+
+
+def _shown_args(argv: list[str]) -> str:
+    """The command-line arguments as shell text, with each --note's text (shown under the table) as "..."."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            shown.append("...")
+        elif arg.startswith("--note="):
+            shown.append("--note=...")
+        else:
+            shown.append(arg)
+        skip = arg == "--note" and not skip
+    return shlex.join(shown).replace("'...'", "...")
+
+
+def _config_key(cfg: dict) -> tuple:
+    """What makes two measurements the same configuration (for --resume)."""
+    return tuple(cfg.get(k) for k in ("kind", "side", "batch", "preset", "threads", "device", "self_cond_pass"))
+
+
+def _load_previous(path: str | None) -> dict:
+    """The JSON written by an earlier --json (for --resume); raises ValueError/FileNotFoundError when unusable."""
+    if not path:
+        raise ValueError("--resume needs --json FILE (the results file of the earlier invocation)")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no results file to resume from")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError(f"{file}: not a train_step results file (no 'results' list)")
+    return data
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _mem_total_gb() -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 __all__ = [
     "LAUNCH_HELP",
@@ -34,7 +33,6 @@ __all__ = [
     "wait_for_everyone",
     "main_process_first",
     "gather_object",
-    "describe",
 ]
 
 #: The multi-process launch command that works on CPU-only machines as well as on GPUs.
@@ -143,9 +141,3 @@ def gather_object(items: list) -> list:
     get_state()
     return list(_gather(items))
 
-
-def describe() -> dict[str, Any]:
-    """``{"num_processes", "process_index", "distributed_type", "device"}`` of this process (for logs)."""
-    state = get_state()
-    return {"num_processes": int(state.num_processes), "process_index": int(state.process_index),
-            "distributed_type": str(state.distributed_type), "device": str(state.device)}

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(and the categorical one with --variant both) and the refiner, sample, compute FID when the sample count "
         "allows, and write OUT/report.html (+ OUT/demo.json with every number and the command of each step). "
         "Without --data it uses real photographs bundled with scikit-image, scikit-learn and matplotlib. "
-        "Choices by --minutes M: resolution 64 below 30 min (else 128), U-Net preset tiny below 20 min (else "
+        "Choices by --minutes M: resolution 64 below 30 min (else 128), U-Net preset cpu below 60 min (else "
         "small), 64 samples below 20 min (else 10 per minute, at most 1000); FID needs at least 100 samples.")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="image folder (recursive); default: the photos bundled with the installed packages")
@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="train the continuous variant, or both continuous and categorical (default continuous)")
     p.add_argument("--resolution", type=int, default=None, metavar="R",
                    help="image side for generative training (default: 64 below 30 minutes, else 128)")
-    p.add_argument("--preset", default=None, choices=("tiny", "small", "paper"),
-                   help="U-Net preset (default: tiny below 20 minutes, else small)")
+    p.add_argument("--preset", default=None, metavar="P",
+                   help="U-Net preset of mbldm.diffusion.models (default: cpu below 60 minutes, else small)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch/faiss (default: free cores = CPUs - load average, at least 1)")

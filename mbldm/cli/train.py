@@ -1,8 +1,10 @@
 """``mbldm train``: train the latent diffusion U-Net on a latent store (continuous or categorical variant).
 
-Runs as one CPU process, on one GPU, or on several with ``accelerate launch -m mbldm train ...``.
+Runs as one CPU process, on one GPU, or as several processes with ``accelerate launch --multi_gpu --num_processes N
+-m mbldm train ...`` (GPUs, or CPU processes on a machine without CUDA; see :mod:`mbldm.distributed`).
 Only flags given on the command line override the ``--config`` file and, with ``--resume``, the run's own
-``RUN/config.json``; everything else keeps the run's (or the default) value.
+``RUN/config.json``; everything else keeps the run's (or the default) value. ``--dry-run`` sizes a job without
+training (``mbldm train --config configs/lsun_church_512_continuous.json --dry-run``; see docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -44,9 +46,21 @@ _VALUE_FLAGS: tuple[tuple[str, object, str, str], ...] = (
 
 def run_train(args: argparse.Namespace) -> int:
     from mbldm.diffusion.training import TrainConfig, resolve_config, train
+    from mbldm.distributed import check_launch
 
+    check_launch()
     flags = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
-    run = train(resolve_config(flags))
+    config = resolve_config(flags)
+    if getattr(args, "dry_run", False):
+        from mbldm.distributed import is_main_process
+        from mbldm.dry_run import dry_run
+
+        report = dry_run(config, steps=getattr(args, "dry_run_steps", 3),
+                         batch_size=getattr(args, "dry_run_batch", None), progress=False)
+        if is_main_process():
+            print("\n".join(report.lines()))
+        return 0
+    run = train(config)
     print(run)
     return 0
 
@@ -68,4 +82,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"self-conditioning on half of the steps (default: {defaults.self_condition})")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         help=f"show a progress bar (default: {defaults.progress})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the model size, latent shape, a memory estimate and the measured time of a few "
+                        "steps on a synthetic batch (needs neither the data nor the store: the --config file's "
+                        "latent_shape / num_codewords / codec_spec / resolution are used), then exit")
+    parser.add_argument("--dry-run-steps", type=int, metavar="N",
+                        help="steps of the dry run: 1 warm-up + N-1 timed (default: 3)")
+    parser.add_argument("--dry-run-batch", type=int, metavar="B",
+                        help="global batch of the dry run's steps (default: --batch-size); the report extrapolates "
+                        "per-image time and memory to --batch-size")
     parser.set_defaults(func=run_train)

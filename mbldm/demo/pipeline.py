@@ -20,7 +20,8 @@ Steps (each prints a header, shows the library's own progress bar, then one summ
 
 Choices by ``--minutes`` M (each can be overridden):
     resolution R = 64 (8x8x6 latents) for M < 30, else 128 (16x16x6);
-    U-Net preset "tiny" (0.17M parameters) for M < 20, else "small" (4.2M);
+    U-Net preset "cpu" (1.1M parameters; "tiny", 0.17M, where "cpu" does not exist) for M < 60, else "small"
+    (4.2M);
     samples N = 64 for M < 20, else min(1000, 10 M) (M = 20 -> 200);
     FID only when N >= ``fid_min_samples`` = 100 (FID_MIN_SAMPLES): below that the Fréchet distance of 2048-d
     features is dominated by its small-N bias. It is still biased at N < 2048 (the report says so); compare
@@ -33,11 +34,13 @@ the diffusion model(s) (``max_minutes`` of ``train``). Training steps are bounde
 count estimated from a short timing of the U-Net, so the progress bar's total is meaningful.
 
 CPU threads: ``threads=None`` uses the free cores, ``cpus - round(1-min load average)``, at least 1 (on a shared,
-busy machine one thread per process is several times faster than oversubscribed OpenMP threads). torch's
-setting also applies to faiss (they share the OpenMP runtime). The previous value is restored at the end.
+busy machine one thread per process is several times faster than oversubscribed threads: measured 13x for the
+tiny U-Net's training step, 4x for the FID's 2048 x 2048 eigendecompositions). The limit applies to torch, to the
+OpenMP runtime it shares with faiss and to numpy's OpenBLAS (``threadpoolctl``); it is lifted at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -59,6 +62,8 @@ __all__ = [
     "auto_threads",
     "plan_budget",
     "demo_command",
+    "hidden_settings",
+    "collect_samples",
     "run_demo",
 ]
 
@@ -72,17 +77,18 @@ DEMO_ENTRIES = ("data", "crops", "codec", "bench.json", "latents", "run", "run_c
                 "fid.json", "report_files", "report.html", "demo.json")
 # Budget constants (seconds), measured on one busy CPU core with DDIM 50 steps at 8x8 latents; generous on
 # purpose: on a faster machine the demo ends early rather than late.
-SAMPLE_S_PER_IMAGE = {"tiny": 0.15, "small": 0.45, "paper": 3.0}
+SAMPLE_S_PER_IMAGE = {"tiny": 0.15, "cpu": 0.25, "small": 0.45, "paper": 3.0}
+REFINE_S_PER_IMAGE = 1.0  # the 1.7M-parameter refiner on one 64x64 image (scaled by (R/64)^2)
 CATEGORICAL_SAMPLE_FACTOR = 2.0
 TRAJECTORY_S = 10.0
-FID_LOAD_S = 5.0
+FID_FIXED_S = 30.0  # per FID value: Inception load + the 2048 x 2048 eigh / SVD of the Fréchet distance
 FID_S_PER_IMAGE = 0.6
 REPORT_S = 20.0
 REFINER_EVAL_S = 15.0
 REFINER_SHARE = 0.12
 MIN_TRAIN_S = 30.0
 MIN_REFINER_S = 15.0
-STEP_MARGIN = 1.25  # estimated steps = budget / measured step time * margin (the time budget stops first)
+STEP_MARGIN = 1.5  # estimated steps = budget / measured step time * margin (the time budget stops first)
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -98,7 +104,7 @@ class DemoConfig:
         spec: codec spec (``mbldm.codec.spec``).
         variant: "continuous" or "both" (continuous + categorical).
         resolution: image side R (None: 64 for minutes < 30, else 128); a multiple of 8 * 2**downsamplings.
-        preset: U-Net preset (None: "tiny" for minutes < 20, else "small").
+        preset: U-Net preset (None: "cpu" for minutes < 60, else "small").
         seed: seed of every random choice (subsets, crops, codec, training, sampling).
         overwrite: remove the demo's previous outputs (``DEMO_ENTRIES``) from ``out`` first.
         threads: torch/faiss CPU threads (None: free cores, see module docstring).
@@ -137,7 +143,7 @@ class DemoConfig:
     train_steps: int | None = None
     refiner_steps: int | None = None
     batch_size: int = 64
-    refiner_batch_size: int = 16
+    refiner_batch_size: int = 8
     fid_min_samples: int = FID_MIN_SAMPLES
     fid_batch_size: int = 50
     command: str | None = None
@@ -156,10 +162,16 @@ class DemoConfig:
         cfg = dataclasses.replace(
             self,
             resolution=self.resolution if self.resolution is not None else (64 if m < 30 else 128),
-            preset=self.preset if self.preset is not None else ("tiny" if m < 20 else "small"),
+            preset=self.preset if self.preset is not None else (_cpu_preset() if m < 60 else "small"),
             num_samples=self.num_samples if self.num_samples is not None else (
                 64 if m < 20 else min(1000, int(10 * m))),
         )
+        from mbldm.codec.spec import parse_spec
+
+        try:
+            parse_spec(cfg.spec)
+        except ValueError as exc:
+            raise ValueError(f"demo: --spec {cfg.spec!r}: {exc}") from None
         if cfg.variant not in VARIANTS:
             raise ValueError(f"demo: --variant must be one of {VARIANTS}, got {cfg.variant!r}")
         if cfg.preset not in UNET_PRESETS or cfg.preset == "refiner":
@@ -189,6 +201,12 @@ class DemoConfig:
         return cfg
 
 
+def _cpu_preset() -> str:
+    from mbldm.diffusion.models import UNET_PRESETS
+
+    return "cpu" if "cpu" in UNET_PRESETS else "tiny"
+
+
 def demo_command(config: DemoConfig) -> str:
     """The ``mbldm demo`` command line equivalent to ``config`` (flags that differ from the defaults)."""
     default = DemoConfig()
@@ -205,6 +223,18 @@ def demo_command(config: DemoConfig) -> str:
     return shlex.join(args)
 
 
+#: DemoConfig fields without a command-line flag (tests / experiments); listed in the report when changed.
+HIDDEN_FIELDS = ("num_samples", "sample_steps", "max_patches", "num_crops", "codec_images", "bench_images",
+                 "photo_max_side", "train_steps", "refiner_steps", "batch_size", "refiner_batch_size",
+                 "fid_min_samples", "fid_batch_size")
+
+
+def hidden_settings(config: DemoConfig) -> dict:
+    """The settings of a resolved ``config`` that have no flag and differ from what the flags alone give."""
+    base = DemoConfig(minutes=config.minutes, resolution=config.resolution, preset=config.preset).resolved()
+    return {f: getattr(config, f) for f in HIDDEN_FIELDS if getattr(config, f) != getattr(base, f)}
+
+
 def auto_threads() -> int:
     """Free CPU cores: usable cores minus the rounded 1-minute load average, clamped to [1, cores]."""
     try:
@@ -219,19 +249,21 @@ def auto_threads() -> int:
 
 
 def plan_budget(remaining_s: float, *, variants: Sequence[str], num_samples: int, preset: str, latent_side: int,
-                sample_steps: int, fid: bool) -> dict:
+                sample_steps: int, fid: bool, patch_size: int = 8) -> dict:
     """Split the remaining wall time between training, the refiner and the reserved final steps.
 
     reserve = sampling (N * SAMPLE_S_PER_IMAGE[preset] * (h/8)^2 * S/50 per variant, x CATEGORICAL_SAMPLE_FACTOR
-    for the categorical one, + TRAJECTORY_S each) + FID (FID_LOAD_S + FID_S_PER_IMAGE * N * (1 + variants), when
-    computed) + REPORT_S + REFINER_EVAL_S; free = remaining - reserve; refiner = max(MIN_REFINER_S,
-    REFINER_SHARE * free); training = max(MIN_TRAIN_S * variants, free - refiner), split equally between variants.
+    for the categorical one, + TRAJECTORY_S each, + N * REFINE_S_PER_IMAGE * (h s / 64)^2 for refining the
+    continuous samples) + FID (FID_S_PER_IMAGE * N for the real images, plus FID_FIXED_S + FID_S_PER_IMAGE
+    * N per variant, when computed) + REPORT_S + REFINER_EVAL_S; free = remaining - reserve;
+    refiner = max(MIN_REFINER_S, REFINER_SHARE * free); training = max(MIN_TRAIN_S * variants, free - refiner),
+    split equally between variants.
 
     Args:
         remaining_s: seconds left of the ``--minutes`` budget.
         variants: trained variants, e.g. ("continuous",) or ("continuous", "categorical").
         num_samples: N per variant.  preset: U-Net preset.  latent_side: h.  sample_steps: DDIM steps S.
-        fid: whether FID will be computed.
+        fid: whether FID will be computed.  patch_size: s (image side R = h s).
 
     Returns:
         {"reserve_s", "refiner_s", "train_s": {variant: seconds}, "over_budget": bool (the minimums exceed the
@@ -240,7 +272,10 @@ def plan_budget(remaining_s: float, *, variants: Sequence[str], num_samples: int
     per_image = SAMPLE_S_PER_IMAGE.get(preset, 3.0) * (latent_side / 8) ** 2 * sample_steps / 50
     sampling = sum(num_samples * per_image * (CATEGORICAL_SAMPLE_FACTOR if v == "categorical" else 1.0)
                    + TRAJECTORY_S for v in variants)
-    fid_s = FID_LOAD_S + FID_S_PER_IMAGE * num_samples * (1 + len(variants)) if fid else 0.0
+    sampling += num_samples * REFINE_S_PER_IMAGE * (latent_side * patch_size / 64) ** 2  # continuous only
+    fid_s = 0.0
+    if fid:
+        fid_s = (FID_FIXED_S + FID_S_PER_IMAGE * num_samples) * len(variants) + FID_S_PER_IMAGE * num_samples
     reserve = sampling + fid_s + REPORT_S + REFINER_EVAL_S
     free = remaining_s - reserve
     refiner = max(MIN_REFINER_S, REFINER_SHARE * free)
@@ -286,12 +321,12 @@ class _Recorder:
         """Run ``fn() -> (one-line summary, commands, numbers)``; record and print them."""
         self.index += 1
         print(f"[{self.index}/{self.total}] {title}", flush=True)
-        start = time.monotonic()
+        start, cpu_start = time.monotonic(), time.process_time()
         line, commands, numbers = fn()
-        seconds = time.monotonic() - start
-        print(f"    -> {line} ({_fmt_s(seconds)})", flush=True)
-        self.summary["steps"].append({"name": name, "title": title, "seconds": round(seconds, 2), "summary": line,
-                                      "commands": commands})
+        seconds, cpu = time.monotonic() - start, time.process_time() - cpu_start
+        print(f"    -> {line} ({_fmt_s(seconds)}, CPU {_fmt_s(cpu)})", flush=True)
+        self.summary["steps"].append({"name": name, "title": title, "seconds": round(seconds, 2),
+                                      "cpu_seconds": round(cpu, 2), "summary": line, "commands": commands})
         self.summary[name] = numbers
         self.save()
         return numbers
@@ -311,6 +346,24 @@ def _copy_files(paths: Sequence[Path], root: Path, dest: Path) -> list[Path]:
         shutil.copyfile(p, target)
         out.append(target)
     return out
+
+
+def collect_samples(sample_dir: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Copy the generated images ``img_*.png`` of a ``sample`` folder into ``dest`` (created), leaving out
+    ``grid.png``, ``raw/`` and ``trajectory/``: ``mbldm fid`` scans folders recursively, so it needs a folder
+    holding only the samples.
+
+    Raises:
+        ValueError: ``sample_dir`` holds no ``img_*.png``.
+    """
+    sample_dir, dest = Path(sample_dir), Path(dest)
+    files = sorted(sample_dir.glob("img_*.png"))
+    if not files:
+        raise ValueError(f"{sample_dir}: no img_*.png samples to collect")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, dest / f.name)
+    return [dest / f.name for f in files]
 
 
 def _random_crops(photos: Sequence[np.ndarray], n: int, resolution: int, rng: np.random.Generator,
@@ -385,11 +438,17 @@ def run_demo(config: DemoConfig) -> Path:
     threads = cfg.threads or auto_threads()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        return _run(cfg, out, t0, deadline, threads, load_start)
-    finally:
-        torch.set_num_threads(old_threads)
+        from threadpoolctl import threadpool_limits  # scikit-learn's dependency: OpenBLAS + OpenMP pools
+    except ImportError:  # pragma: no cover - only torch's pool is limited then
+        threadpool_limits = None
+    limits = threadpool_limits(limits=threads) if threadpool_limits is not None else contextlib.nullcontext()
+    with limits:
+        torch.set_num_threads(threads)
+        try:
+            return _run(cfg, out, t0, deadline, threads, load_start)
+        finally:
+            torch.set_num_threads(old_threads)
 
 
 def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, load_start: float | None) -> Path:
@@ -402,6 +461,7 @@ def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, l
     summary: dict[str, Any] = {
         "format": FORMAT, "version": VERSION,
         "command": cfg.command or demo_command(cfg),
+        "hidden_settings": hidden_settings(cfg),
         "config": dataclasses.asdict(cfg),
         "out": str(out.resolve()),
         "machine": {"cpus": os.cpu_count(), "threads": threads, "load_average_start": load_start,
@@ -567,7 +627,8 @@ def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, l
     n_real = len(state["real_pool"])
     do_fid = cfg.num_samples >= cfg.fid_min_samples and n_real >= cfg.fid_min_samples
     plan = plan_budget(deadline - time.monotonic(), variants=variants, num_samples=cfg.num_samples,
-                       preset=cfg.preset, latent_side=h, sample_steps=cfg.sample_steps, fid=do_fid)
+                       preset=cfg.preset, latent_side=h, sample_steps=cfg.sample_steps, fid=do_fid,
+                       patch_size=S)
     summary["budget"] = {**plan, "elapsed_before_training_s": round(time.monotonic() - t0, 1)}
     if plan["over_budget"] and cfg.train_steps is None:
         print(f"    note: {_fmt_s(time.monotonic() - t0)} used before training; the demo will run over "
@@ -576,13 +637,14 @@ def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, l
     # ---- 6. train ------------------------------------------------------------------------------------------
     def make_train_step(variant: str):
         def step():
-            from mbldm.diffusion.models import count_parameters
             from mbldm.diffusion.training import TrainConfig, train
             from mbldm.demo.figures import read_metrics
 
             run_dir = out / ("run" if variant == "continuous" else "run_categorical")
             out_ch = c if variant == "continuous" else c * K
-            seconds = plan["train_s"][variant]
+            later = sum(plan["train_s"][v] for v in variants[variants.index(variant) + 1:])
+            left = deadline - time.monotonic() - plan["reserve_s"] - plan["refiner_s"] - later
+            seconds = max(MIN_TRAIN_S, min(plan["train_s"][variant], left))  # an earlier overrun shrinks it
             if cfg.train_steps is not None:
                 steps, max_minutes = cfg.train_steps, None
             else:
@@ -622,25 +684,23 @@ def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, l
 
         return step
 
-    train_numbers = {}
     for variant in variants:
-        train_numbers[variant] = rec.run(
-            f"train_{variant}", f"train: {variant} variant ({'Eq. 4, §4.2.2' if variant == 'continuous' else 'Eq. 24, §4.2.3'})",
-            make_train_step(variant))
+        source = "Eq. 4, §4.2.2" if variant == "continuous" else "Eq. 24, §4.2.3"
+        rec.run(f"train_{variant}", f"train: {variant} variant ({source})", make_train_step(variant))
 
     # ---- 7. refiner ----------------------------------------------------------------------------------------
     def step_refiner():
         from mbldm.diffusion.refiner import RefinerConfig, train_refiner
 
-        crop = min(R, 128)
+        crop = max(16, R // 2)  # the refiner is convolutional: small crops train it ~4x faster per image
         if cfg.refiner_steps is not None:
             steps, max_minutes = cfg.refiner_steps, None
         else:
             remaining = deadline - time.monotonic() - plan["reserve_s"]
             seconds = max(MIN_REFINER_S, min(plan["refiner_s"], remaining))
-            per_step = 1.5 * _seconds_per_step("refiner", 3, 3, crop, cfg.refiner_batch_size, forwards=1)
+            per_step = 1.5 * _seconds_per_step("refiner", 3, 3, crop, cfg.refiner_batch_size, forwards=1)  # + data
             steps, max_minutes = _steps_for(seconds, per_step), seconds / 60.0
-        eval_images = 16 if cfg.train_steps is None else 2
+        eval_images = 4 if cfg.train_steps is None else 2
         rc = RefinerConfig(codec=str(out / "codec"), data=str(state["train_data"]), out=str(out / "refiner"),
                            resolution=R, crop_size=crop, steps=steps, batch_size=cfg.refiner_batch_size,
                            seed=cfg.seed, eval_images=eval_images, max_minutes=max_minutes, log_every=10)
@@ -672,7 +732,7 @@ def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, l
             refiner = out / "refiner" if variant == "continuous" else None
             res = sample(run_dir, cfg.num_samples, out_dir=sample_dir, sampler="ddim", steps=cfg.sample_steps,
                          seed=cfg.seed, batch_size=min(64, cfg.num_samples), refiner=refiner,
-                         progress=cfg.progress)
+                         progress=cfg.progress, trajectory=list(TRAJECTORY_T))
             s = res["summary"]
             grid_name = f"grid_{variant}.png"
             shutil.copyfile(res["grid"], files / grid_name)
@@ -682,22 +742,18 @@ def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, l
                                 for i in range(min(cfg.num_samples, 64))])
                 save_grid(raw, files / f"grid_{variant}_raw.png")
                 summary["figures"][f"grid_{variant}_raw"] = f"report_files/grid_{variant}_raw.png"
-            T = int(json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["timesteps"])
-            times = [t for t in TRAJECTORY_T if t <= T] if T == 1000 else list(range(T, -1, -max(1, T // 10)))
-            traj = sample(run_dir, 1, out_dir=None, sampler="ddim", steps=cfg.sample_steps, seed=cfg.seed,
-                          progress=False, trajectory=times)["trajectory"]
+            traj = res["trajectory"]  # decoded frames of every image, before the refiner
             plot_trajectory(traj["t"], traj["x_t"][0], traj["x0"][0], files / f"trajectory_{variant}.png",
-                            title=f"{variant} variant, DDIM {cfg.sample_steps} steps, seed {cfg.seed} "
-                                  "(image 0, before the refiner)")
+                            title=f"{variant} variant, DDIM {cfg.sample_steps} steps, image 0 (seed {cfg.seed}), "
+                                  "before the refiner")
             summary["figures"][f"trajectory_{variant}"] = f"report_files/trajectory_{variant}.png"
             numbers[variant] = {"dir": sample_dir.name, "count": s["count"], "image_size": s["image_size"],
                                 "sampler": s["sampler"], "steps": s["steps"], "seconds": s["seconds"],
                                 "refiner": refiner is not None, "trajectory_t": traj["t"], "seed": cfg.seed}
-            cmd = (f"mbldm sample --run {_q(run_dir)} --num {cfg.num_samples} --out {_q(sample_dir)} --sampler ddim "
-                   f"--steps {cfg.sample_steps} --seed {cfg.seed} --batch-size {min(64, cfg.num_samples)}"
-                   + (f" --refiner {_q(refiner)}" if refiner is not None else ""))
-            commands += [cmd, f"mbldm sample --run {_q(run_dir)} --num 1 --out {_q(out / ('trajectory_' + variant))} "
-                              f"--steps {cfg.sample_steps} --seed {cfg.seed} --trajectory"]
+            commands.append(f"mbldm sample --run {_q(run_dir)} --num {cfg.num_samples} --out {_q(sample_dir)} "
+                            f"--sampler ddim --steps {cfg.sample_steps} --seed {cfg.seed} --batch-size "
+                            f"{min(64, cfg.num_samples)} --trajectory"
+                            + (f" --refiner {_q(refiner)}" if refiner is not None else ""))
             parts.append(f"{variant}: {s['count']} images {s['image_size'][0]}x{s['image_size'][1]} in "
                          f"{s['seconds']:.1f} s")
         line = "; ".join(parts) + f" (DDIM {cfg.sample_steps} steps)"
@@ -729,9 +785,7 @@ def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, l
         for variant in variants:
             sample_dir = out / summary["samples"][variant]["dir"]
             fake_dir = out / ("fid_fake" if variant == "continuous" else "fid_fake_categorical")
-            fake_dir.mkdir(parents=True, exist_ok=True)
-            for p in sorted(sample_dir.glob("img_*.png")):  # only the samples: not grid.png, raw/, trajectory/
-                shutil.copyfile(p, fake_dir / p.name)
+            collect_samples(sample_dir, fake_dir)
             real = stats if stats.exists() else real_dir
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

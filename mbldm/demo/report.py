@@ -164,18 +164,25 @@ def _section_fid(s: dict) -> str:
 
 
 def _section_steps(s: dict) -> str:
-    rows = [[_e(st["title"]), _num(st["seconds"], ".1f"), _e(st["summary"])] for st in s.get("steps", [])]
+    rows = [[_e(st["title"]), _num(st["seconds"], ".1f"), _num(st.get("cpu_seconds"), ".1f"), _e(st["summary"])]
+            for st in s.get("steps", [])]
     total = s.get("total_seconds")
     m = s.get("machine", {})
     text = (f"<p>Total {_num(total, '.0f')} s on {_e(m.get('cpus'))} CPUs ({_e(m.get('threads'))} torch threads, "
             f"1-min load average {_num(m.get('load_average_start'), '.1f')} at start, "
             f"{_num(m.get('load_average_end'), '.1f')} at the end; CUDA: {_e(m.get('cuda'))}), torch "
             f"{_e(m.get('torch'))}.</p>")
-    return text + _table(["step", "seconds", "result"], rows, left=1)
+    text += ("<p class=\"note\">CPU seconds are this process's user + system time; far fewer than the wall "
+             "seconds means the machine was busy with other work.</p>")
+    return text + _table(["step", "seconds", "CPU seconds", "result"], rows, left=1)
 
 
 def _section_commands(s: dict) -> str:
     lines = [s.get("command", "")]
+    hidden = s.get("hidden_settings") or {}
+    if hidden:
+        lines.append("# plus settings without a command-line flag (DemoConfig): "
+                     + ", ".join(f"{k}={v}" for k, v in hidden.items()))
     lines.append("")
     lines.append("# the same steps one by one:")
     for st in s.get("steps", []):
@@ -191,7 +198,10 @@ def _section_commands(s: dict) -> str:
 def render_report(summary: dict) -> str:
     """The report page (HTML text) for a demo summary dict (what ``OUT/demo.json`` holds)."""
     sections = [
-        ("Command", f"<pre>{_e(summary.get('command', ''))}</pre>"),
+        ("Command", f"<pre>{_e(summary.get('command', ''))}</pre>" + (
+            "<p class=\"note\">Settings without a flag: "
+            + _e(", ".join(f"{k}={v}" for k, v in summary["hidden_settings"].items())) + "</p>"
+            if summary.get("hidden_settings") else "")),
         ("Steps and timing", _section_steps(summary)),
         ("Data", _section_data(summary)),
         ("Compression: codec vs JPEG (Table 1)", _section_bench(summary)),
