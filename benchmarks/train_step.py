@@ -39,7 +39,10 @@ configuration with a note when that exceeds MemAvailable minus ``--reserve-mb``.
 out of memory) or runs past ``--timeout`` is reported as such.
 
 Writes (or replaces) the section "## Training step cost" of ``--out`` (default BENCHMARKS.md at the repo root)
-after every configuration, keeping the other sections.
+after every configuration, keeping the other sections (``benchmarks/_report.py``). ``--json FILE`` keeps the raw
+results; ``--resume`` then runs only the configurations FILE lacks (time-boxed runs on a shared machine: rows are
+tagged with the invocation that measured them), ``--report-only`` rewrites the section from FILE, and ``--note``
+adds a sentence under the table (kept in FILE).
 """
 from __future__ import annotations
 
@@ -360,7 +363,8 @@ def run_config(cfg: dict, args) -> dict:
 def ensure_codec(args) -> str:
     """Path of the codec for the categorical configurations (fitting a small one in a temp folder if needed)."""
     if args.codec and Path(args.codec).is_dir():
-        args.codec_desc = f"`{Path(args.codec).relative_to(REPO) if Path(args.codec).is_relative_to(REPO) else args.codec}`"
+        path = Path(args.codec).resolve()
+        args.codec_desc = f"`{path.relative_to(REPO) if path.is_relative_to(REPO) else path}`"
         return args.codec
     import tempfile
 
@@ -374,7 +378,8 @@ def ensure_codec(args) -> str:
     codec = Codec.fit([load_image(p) for p in paths], spec="OPQ-32-8-8", max_patches=args.fit_max_patches)
     out = Path(tempfile.mkdtemp(prefix="train_step_codec_")) / "OPQ-32-8-8"
     codec.save(out)
-    args.codec_desc = f"OPQ-32-8-8 fitted for this run on the {len(paths)} McM images ({args.fit_max_patches:,} patches)"
+    args.codec_desc = (f"OPQ-32-8-8 fitted for this run on the {len(paths)} McM images "
+                       f"({args.fit_max_patches:,} patches)")
     return str(out)
 
 
@@ -409,7 +414,8 @@ def _fmt_ratio(a: dict | None, b: dict | None, key: str) -> str:
 def _needed_mb(r: dict) -> float:
     """The guard's estimate of a step's memory, recomputed from the stored probe with today's ACTIVATION_SLACK."""
     e = r["estimate"]
-    return e["probe_saved_mb"] * (r["side"] / e["probe_side"]) ** 2 * ACTIVATION_SLACK + e["weights_mb"] + e["states_mb"]
+    activations = e["probe_saved_mb"] * (r["side"] / e["probe_side"]) ** 2 * ACTIVATION_SLACK
+    return activations + e["weights_mb"] + e["states_mb"]
 
 
 def _step_mb_ratio(a: dict, b: dict) -> str:
@@ -459,8 +465,8 @@ def render_section(results: list[dict], info: dict, finished: bool) -> str:
     measured = [r for r in results if "wall_s" in r]
     cuda = any(r["device"].startswith("cuda") for r in measured)
     tags = _commands(measured)
-    head = ("| config | batch | in -> out ch | params | warm-up + timed steps | wall s/step | CPU s/step | RSS before MB "
-            "| peak RSS MB | step MB | estimate MB |")
+    head = ("| config | batch | in -> out ch | params | warm-up + timed steps | wall s/step | CPU s/step "
+            "| RSS before MB | peak RSS MB | step MB | estimate MB |")
     sep = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if cuda:
         head, sep = head + " peak CUDA MB |", sep + "---:|"
@@ -513,7 +519,8 @@ def render_section(results: list[dict], info: dict, finished: bool) -> str:
     self_cond = {r["self_cond_pass"] for r in measured}
     lines = [
         SECTION, "",
-        f"Written {_utc_now()} by `{info['command']}`" + ("" if finished else " (run in progress: partial)") + ".",
+        f"Written {_utc_now()}" + ("" if list(tags) == [info["command"]] else f" by `{info['command']}`")
+        + ("" if finished else " (run in progress: partial)") + ".",
     ]
     if len(tags) > 1:
         lines.append("Rows were measured by " + str(len(tags)) + " invocations (the tag after each row's name), "

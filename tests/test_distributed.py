@@ -1,17 +1,20 @@
 """Tests of mbldm/distributed.py and of every multi-process command, with 2 real CPU processes.
 
-The processes are started the documented way, ``accelerate launch --multi_gpu --num_processes 2
---main_process_port 0 -m mbldm ...`` (on this CPU-only machine Accelerate then runs torch.distributed.run and
-mbldm uses the gloo backend), and compared with a single process:
+One job of 2 processes is started the documented way, ``accelerate launch --multi_gpu --num_processes 2
+--main_process_port 0`` (on this CPU-only machine Accelerate then runs torch.distributed.run and mbldm uses the
+gloo backend). To pay the start-up of the processes once on this shared 2-core machine, the job runs a driver
+script that calls ``mbldm.cli.main([...])`` (what ``python -m mbldm ...`` runs) for each command in turn:
 
-* ``train``: loss and weights of a 2-process run (global batch 4 = 2 x 2), checkpointed and resumed, agree with a
-  single uninterrupted process;
-* ``sample`` / ``fid``: N = 10 images with batch 3 are exactly the 10 single-process images (none repeated,
-  none missing), and the FID of 2 processes equals the single-process FID over exactly 10 + 10 images;
-* ``latents build``: 2 processes write the same store as 1.
+* ``latents build``: the same store, byte for byte, as one process;
+* ``train`` 3 steps (global batch 4 = 2 x 2, checkpoint), then ``train --resume latest`` to step 6: losses and
+  weights agree with one uninterrupted process;
+* ``sample``: N = 10 images with batch 3 are exactly the 10 single-process images (none repeated, none missing);
+* ``fid``: scores exactly those 10 images; equals Eq. 1 computed here from single-process features.
 
-If two processes cannot be started at all here (a launch of a bare Accelerate script fails), these tests are
-skipped with the launcher's error; once launching works, a failure of our code fails the tests.
+If two processes cannot be started at all (the driver's first line, printed after Accelerate set up the process
+group, does not appear for both ranks), these tests are skipped with the launcher's error; once the processes are
+up, a failure of our code fails the tests. ``accelerate launch --cpu --num_processes 2`` (one process without MPI)
+is launched separately and must be refused.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from mbldm import distributed as dist
 
 FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
 R = 32  # images 32 x 32, VQ-4-4-4 with s = 4 -> latents 8 x 8 x 3, K = 16
-LAUNCH_TIMEOUT_S = 240
+JOB_TIMEOUT_S = 1200  # this shared machine can be 6x oversubscribed; the job takes ~1 min when it is idle
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +57,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def launch(*args: str, cwd: Path, cpu_flag: bool = False) -> subprocess.CompletedProcess:
+def launch(*args: str, cwd: Path, cpu_flag: bool = False, timeout: float = JOB_TIMEOUT_S):
     """``accelerate launch`` 2 processes with ``args`` (a script or ``-m mbldm ...``); returns the finished process.
 
     ``cpu_flag`` uses ``--cpu`` instead of ``--multi_gpu`` (the launch that starts only one process).
@@ -62,76 +65,165 @@ def launch(*args: str, cwd: Path, cpu_flag: bool = False) -> subprocess.Complete
     mode = ["--cpu"] if cpu_flag else ["--multi_gpu", "--main_process_port", "0"]
     cmd = [*_accelerate(), "launch", *mode, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", *args]
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n"
-                                  f"{proc.stderr[-5000:]}")
-    return proc
-
-
-PROBE = r'''
-import json, sys, time
+# The job's driver: one line per stage and rank, "STAGE {json}", written in one write() so lines stay whole.
+DRIVER = r'''
+import contextlib, io, json, sys, time, traceback
 from pathlib import Path
 from accelerate import PartialState
 
 state = PartialState(cpu=True)
-sys.stdout.write(f"LAUNCH-OK {state.process_index} {state.num_processes}\n")  # one write: lines stay whole
-sys.stdout.flush()
+rank = state.process_index
+
+
+def emit(text):
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+emit(f"LAUNCH-OK {rank} {state.num_processes}")
 
 from mbldm import distributed as dist
+from mbldm.cli import main
 
-dist.check_launch()
-r = dist.process_index()
-result = {"rank": r, "n": dist.num_processes(), "main": dist.is_main_process(), "split": {}, "gathered": {}}
-for count in (0, 1, 2, 3, 10):
-    result["split"][count] = dist.local_indices(count)
-    result["gathered"][count] = dist.gather_object(list(result["split"][count]))
-flag = Path(sys.argv[1])
-with dist.main_process_first():
-    result["saw_main_file"] = flag.exists()   # the main process writes it inside its turn
-    if r == 0:
-        time.sleep(0.5)
-        flag.write_text("main was first")
-dist.wait_for_everyone()
-sys.stdout.write("RESULT " + json.dumps(result) + "\n")
-sys.stdout.flush()
+P = json.loads(sys.argv[1])
+
+
+def helpers():
+    out = {"rank": dist.process_index(), "n": dist.num_processes(), "main": dist.is_main_process(), "split": {},
+           "gathered": {}}
+    for count in (0, 1, 2, 3, 10):
+        out["split"][count] = dist.local_indices(count)
+        out["gathered"][count] = dist.gather_object(list(out["split"][count]))
+    flag = Path(P["flag"])
+    with dist.main_process_first():
+        out["saw_main_file"] = flag.exists()  # the main process writes it in its turn, before the others
+        if rank == 0:
+            time.sleep(0.5)
+            flag.write_text("main was first")
+    dist.wait_for_everyone()
+    return out
+
+
+def stage(name, fn):
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            status = {"ok": True, "result": fn()}
+    except BaseException:
+        status = {"ok": False, "error": traceback.format_exc()}
+    emit("STAGE " + json.dumps({"stage": name, "rank": rank, "stdout": buffer.getvalue(), **status}))
+
+
+stage("helpers", helpers)
+for name, argv in P["commands"]:
+    stage(name, lambda argv=argv: main(argv))
 '''
 
 
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory) -> list[dict]:
-    """Launch a bare Accelerate script with 2 processes (skip the module if that fails), then the helpers."""
-    root = tmp_path_factory.mktemp("probe")
-    (root / "probe.py").write_text(PROBE)
+def data(tmp_path_factory) -> dict[str, Path]:
+    """12 real faces, a tiny VQ-4-4-4 codec (s = 4) fitted on them at 32 x 32, and a 1-process store of them."""
+    if not FACES.is_dir():
+        pytest.skip(f"real face images not found at {FACES} (see /work/shared/data/README.md)")
+    from PIL import Image
+
+    from mbldm.codec import Codec
+    from mbldm.data.latent_store import build_latent_store
+
+    root = tmp_path_factory.mktemp("data")
+    files = sorted(FACES.glob("face_*.jpg"))[:12]
+    (root / "faces").mkdir()
+    for f in files:
+        shutil.copyfile(f, root / "faces" / f.name)
+    images = [np.asarray(Image.open(f).convert("RGB").resize((R, R))) for f in files]
+    Codec.fit(images, spec="VQ-4-4-4", patch_size=4, max_patches=20000, progress=False).save(root / "codec")
+    store = build_latent_store(root / "codec", root / "faces", R, root / "store1", shard_size=5, progress=False)
+    (root / "real").mkdir()  # FID reference: 4 of the faces
+    for f in files[:4]:
+        shutil.copyfile(f, root / "real" / f.name)
+    return {"root": root, "faces": root / "faces", "real": root / "real", "codec": root / "codec", "store": store}
+
+
+@pytest.fixture(scope="module")
+def run_dir(data) -> Path:
+    """A training run made by hand (contract 6) for sampling: the faces codec, an untrained tiny U-Net, T = 20."""
+    from mbldm.diffusion.models import build_unet
+
+    run = data["root"] / "run"
+    shutil.copytree(data["codec"], run / "codec")
+    cfg = {"variant": "continuous", "preset": "tiny", "latent_shape": [8, 8, 3], "num_codewords": 16,
+           "timesteps": 20, "beta_schedule": "linear", "self_condition": True, "tau": 1.0, "seed": 0}
+    (run / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    build_unet("tiny", 6, 3, 8).save_pretrained(run / "model", safe_serialization=True)
+    return run
+
+
+TRAIN_ARGS = ["--preset", "tiny", "--batch-size", "4", "--lr", "1e-3", "--lr-warmup-steps", "2", "--checkpoint-every",
+              "3", "--log-every", "1", "--ema-decay", "0.99", "--no-progress"]
+SAMPLE_ARGS = ["--num", "10", "--steps", "4", "--batch-size", "3", "--seed", "5", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def job(data, run_dir) -> dict:
+    """The 2-process job: {"dir": folder of its outputs, "stages": {name: [rank 0 record, rank 1 record]}}."""
+    root = data["root"]
+    out = root / "job"
+    out.mkdir()
+    commands = [
+        ("latents", ["latents", "build", "--codec", str(data["codec"]), "--data", str(data["faces"]), "--resolution",
+                     str(R), "--out", str(out / "store2"), "--shard-size", "5", "--quiet"]),
+        ("train", ["train", "--latents", str(data["store"]), "--out", str(out / "run2"), *TRAIN_ARGS, "--steps", "3"]),
+        ("resume", ["train", "--out", str(out / "run2"), "--resume", "latest", "--steps", "6", "--no-progress"]),
+        ("sample", ["sample", "--run", str(run_dir), "--out", str(out / "samples2"), *SAMPLE_ARGS]),
+        ("fid", ["fid", "--real", str(data["real"]), "--fake", str(out / "samples2"), "--json", str(out / "fid.json"),
+                 "--no-progress"]),
+    ]
+    (root / "driver.py").write_text(DRIVER)
+    spec = json.dumps({"flag": str(out / "flag.txt"), "commands": commands})
     try:
-        proc = launch("probe.py", str(root / "flag.txt"), cwd=root)
+        proc = launch("driver.py", spec, cwd=root)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot launch 2 processes with accelerate here: {exc}")
-    started = sorted(re.findall(r"LAUNCH-OK (\d+) 2", proc.stdout))
-    if started != ["0", "1"]:
+        pytest.skip(f"cannot run 2 processes with accelerate here: {exc}")
+    if sorted(re.findall(r"LAUNCH-OK (\d+) 2", proc.stdout)) != ["0", "1"]:
         pytest.skip(f"accelerate did not start 2 processes here (environment): exit {proc.returncode}, "
                     f"stdout: {proc.stdout[-500:]!r}, stderr: {proc.stderr[-1500:]!r}")
-    _ok(proc)
-    results = [json.loads(m) for m in re.findall(r"RESULT (\{.*\})", proc.stdout)]
-    return sorted(results, key=lambda r: r["rank"])
+    stages: dict[str, list] = {}
+    for record in (json.loads(m) for m in re.findall(r"^STAGE (\{.*\})$", proc.stdout, flags=re.M)):
+        stages.setdefault(record["stage"], [None, None])[record["rank"]] = record
+    return {"dir": out, "stages": stages, "stderr": proc.stderr, "returncode": proc.returncode}
+
+
+def _stage(job: dict, name: str, command: bool = True) -> list[dict]:
+    """Both ranks' records of a stage; fails with the error (or the job's stderr) unless both succeeded (for a
+    ``command``: ``main`` returned 0)."""
+    records = job["stages"].get(name, [None, None])
+    for rank, rec in enumerate(records):
+        assert rec is not None, f"stage {name!r} did not report on rank {rank}; job stderr:\n{job['stderr'][-4000:]}"
+        assert rec["ok"], f"stage {name!r} failed on rank {rank}:\n{rec['error']}"
+        assert not command or rec["result"] == 0, (f"stage {name!r}: exit {rec['result']} on rank {rank}; job "
+                                                   f"stderr:\n{job['stderr'][-4000:]}")
+    return records
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def test_helpers_split_gather_and_order_with_two_processes(probe):
-    assert [(r["rank"], r["n"], r["main"]) for r in probe] == [(0, 2, True), (1, 2, False)]
-    rank0, rank1 = (r["split"] for r in probe)
+def test_helpers_split_gather_and_order_with_two_processes(job):
+    results = [rec["result"] for rec in _stage(job, "helpers", command=False)]
+    assert [(r["rank"], r["n"], r["main"]) for r in results] == [(0, 2, True), (1, 2, False)]
+    rank0, rank1 = (r["split"] for r in results)
     # contiguous blocks, the first count % 2 processes take one more, no padding
     assert (rank0["10"], rank1["10"]) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
     assert (rank0["3"], rank1["3"]) == ([0, 1], [2])
     assert (rank0["1"], rank1["1"]) == ([0], [])
     assert (rank0["0"], rank1["0"]) == ([], [])
-    for r in probe:
+    for r in results:
         for count, gathered in r["gathered"].items():
             assert gathered == list(range(int(count))), (r["rank"], count)
-    assert [r["saw_main_file"] for r in probe] == [False, True]
+    assert [r["saw_main_file"] for r in results] == [False, True]
 
 
 def test_helpers_single_process_are_identity():
@@ -161,36 +253,15 @@ def test_check_launch(env, refused):
         dist.check_launch(env)
 
 
-def test_cpu_launch_that_starts_one_process_is_refused(probe, tmp_path):
+def test_cpu_launch_that_starts_one_process_is_refused(job, tmp_path):
     """`accelerate launch --cpu --num_processes 2` (no MPI) runs one process: mbldm says so instead of going on."""
-    proc = launch("-m", "mbldm", "train", "--out", str(tmp_path / "run"), cwd=tmp_path, cpu_flag=True)
+    proc = launch("-m", "mbldm", "train", "--out", str(tmp_path / "run"), cwd=tmp_path, cpu_flag=True, timeout=300)
     assert proc.returncode != 0
     assert "started only this one" in proc.stderr and "--multi_gpu" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """12 real faces, a tiny VQ-4-4-4 codec (s = 4) fitted on them at 32 x 32, and a 1-process store of them."""
-    if not FACES.is_dir():
-        pytest.skip(f"real face images not found at {FACES} (see /work/shared/data/README.md)")
-    from PIL import Image
-
-    from mbldm.codec import Codec
-    from mbldm.data.latent_store import build_latent_store
-
-    root = tmp_path_factory.mktemp("data")
-    files = sorted(FACES.glob("face_*.jpg"))[:12]
-    (root / "faces").mkdir()
-    for f in files:
-        shutil.copyfile(f, root / "faces" / f.name)
-    images = [np.asarray(Image.open(f).convert("RGB").resize((R, R))) for f in files]
-    Codec.fit(images, spec="VQ-4-4-4", patch_size=4, max_patches=20000, progress=False).save(root / "codec")
-    store = build_latent_store(root / "codec", root / "faces", R, root / "store1", shard_size=5, progress=False)
-    return {"root": root, "faces": root / "faces", "codec": root / "codec", "store": store}
-
+# ----------------------------------------------------------------------------------------------- latents build
 
 def _same_tree(a: Path, b: Path) -> None:
     names_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
@@ -200,20 +271,16 @@ def _same_tree(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_latents_build_with_two_processes_equals_one(probe, data):
-    out = data["root"] / "store2"
-    proc = _ok(launch("-m", "mbldm", "latents", "build", "--codec", str(data["codec"]), "--data", str(data["faces"]),
-                      "--resolution", str(R), "--out", str(out), "--shard-size", "5", "--quiet", cwd=data["root"]))
-    assert proc.stdout.count("12 latents 8x8x3") == 1  # process 0 reports once
+def test_latents_build_with_two_processes_equals_one(job, data):
+    records = _stage(job, "latents")
+    assert "12 latents 8x8x3" in records[0]["stdout"] and records[1]["stdout"] == ""  # process 0 reports
     store1 = json.loads((data["store"] / "store.json").read_text())
-    assert store1["num_shards"] == 3 and store1["complete"]
-    _same_tree(data["store"], out)  # store.json, sources.jsonl, codec/ and the 3 shards, byte for byte
+    assert store1["num_shards"] == 3 and store1["complete"]  # process 0 encodes shards 0 and 2, process 1 shard 1
+    _same_tree(data["store"], job["dir"] / "store2")  # store.json, sources.jsonl, codec/, 3 shards: byte for byte
 
 
 # ----------------------------------------------------------------------------------------------- training
 
-TRAIN_ARGS = ("--preset", "tiny", "--batch-size", "4", "--lr", "1e-3", "--lr-warmup-steps", "2", "--checkpoint-every",
-              "3", "--log-every", "1", "--ema-decay", "0.99", "--no-progress")
 # The key bias of attention gets an exactly zero gradient (softmax(q.(k + b)) = softmax(q.k): q.b is the same for
 # every key), so Adam turns round-off (~1e-9) into +-lr steps whose signs differ between any two runs.
 ZERO_GRADIENT = ("mid_block.attentions.0.to_k.bias",)
@@ -228,15 +295,6 @@ def one_process_run(data, tmp_path_factory) -> Path:
                  preset="tiny", batch_size=4, lr=1e-3, lr_warmup_steps=2, checkpoint_every=3, log_every=1,
                  ema_decay=0.99, progress=False)
     return train(resolve_config(flags))
-
-
-@pytest.fixture(scope="module")
-def two_process_run(probe, data, tmp_path_factory) -> Path:
-    """The first 3 steps with 2 processes (2 images each), ending with a checkpoint."""
-    run = tmp_path_factory.mktemp("train2") / "run"
-    _ok(launch("-m", "mbldm", "train", "--latents", str(data["store"]), "--out", str(run), *TRAIN_ARGS, "--steps", "3",
-               cwd=run.parent))
-    return run
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -255,20 +313,17 @@ def _assert_same_weights(run_a: Path, run_b: Path, step: int) -> None:
                 torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
 
 
-def test_train_two_processes_match_one(one_process_run, two_process_run):
-    run1, run2 = one_process_run, two_process_run
+def test_train_two_processes_checkpoint_and_match_one(job, one_process_run):
+    _stage(job, "train")
+    run1, run2 = one_process_run, job["dir"] / "run2"
     assert json.loads((run2 / "config.json").read_text())["num_processes"] == 2
     assert json.loads((run1 / "config.json").read_text())["num_processes"] == 1
-    assert [m["step"] for m in _metrics(run2)] == [1, 2, 3]
-    np.testing.assert_allclose([m["loss"] for m in _metrics(run2)], [m["loss"] for m in _metrics(run1)[:3]],
-                               rtol=1e-5)
-    _assert_same_weights(run1, run2, 3)
+    _assert_same_weights(run1, run2, 3)  # the checkpoint written by the 2-process run
 
 
-def test_train_two_processes_resume_and_match_one(one_process_run, two_process_run):
-    run1, run2 = one_process_run, two_process_run
-    _ok(launch("-m", "mbldm", "train", "--out", str(run2), "--resume", "latest", "--steps", "6", "--no-progress",
-               cwd=run2.parent))
+def test_train_two_processes_resume_and_match_one(job, one_process_run):
+    _stage(job, "resume")
+    run1, run2 = one_process_run, job["dir"] / "run2"
     assert [m["step"] for m in _metrics(run2)] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([m["loss"] for m in _metrics(run2)], [m["loss"] for m in _metrics(run1)], rtol=1e-5)
     _assert_same_weights(run1, run2, 6)
@@ -277,38 +332,22 @@ def test_train_two_processes_resume_and_match_one(one_process_run, two_process_r
 # ----------------------------------------------------------------------------------------------- sampling and FID
 
 @pytest.fixture(scope="module")
-def run_dir(data) -> Path:
-    """A training run made by hand (contract 6): the faces codec, an untrained tiny U-Net, T = 20."""
-    from mbldm.diffusion.models import build_unet
+def samples_one(data, run_dir) -> Path:
+    """The same N = 10 images with batch 3 in this process."""
+    from mbldm.cli import main
 
-    run = data["root"] / "run"
-    shutil.copytree(data["codec"], run / "codec")
-    cfg = {"variant": "continuous", "preset": "tiny", "latent_shape": [8, 8, 3], "num_codewords": 16,
-           "timesteps": 20, "beta_schedule": "linear", "self_condition": True, "tau": 1.0, "seed": 0}
-    (run / "config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    build_unet("tiny", 6, 3, 8).save_pretrained(run / "model", safe_serialization=True)
-    return run
+    out = data["root"] / "samples1"
+    assert main(["sample", "--run", str(run_dir), "--out", str(out), "--device", "cpu", *SAMPLE_ARGS]) == 0
+    return out
 
 
-@pytest.fixture(scope="module")
-def sampled(probe, data, run_dir) -> dict[str, Path]:
-    """N = 10 images with batch 3: once in this process, once with 2 processes."""
-    from mbldm.diffusion.sampling import sample
-
-    one, two = data["root"] / "samples1", data["root"] / "samples2"
-    sample(run_dir, 10, one, steps=4, batch_size=3, seed=5, device="cpu", progress=False)
-    _ok(launch("-m", "mbldm", "sample", "--run", str(run_dir), "--num", "10", "--out", str(two), "--steps", "4",
-               "--batch-size", "3", "--seed", "5", "--quiet", cwd=data["root"]))
-    return {"one": one, "two": two}
-
-
-def test_sample_two_processes_writes_exactly_the_single_process_images(sampled):
+def test_sample_two_processes_writes_exactly_the_single_process_images(job, samples_one):
     from mbldm.io.images import load_image
 
-    one, two = sampled["one"], sampled["two"]
+    records = _stage(job, "sample")
+    assert "wrote 10 images" in records[0]["stdout"] and records[1]["stdout"] == ""
+    one, two = samples_one, job["dir"] / "samples2"
     names = [f"img_{i:06d}.png" for i in range(10)]
-    assert sorted(p.name for p in two.glob("img_*.png")) == names  # exactly N, none repeated or padded
     assert sorted(p.name for p in two.iterdir()) == sorted([*names, "grid.png", "samples.json"])  # no shard files
     for name in names:
         np.testing.assert_array_equal(load_image(two / name), load_image(one / name), err_msg=name)
@@ -331,22 +370,15 @@ def _fid_small_n(x: np.ndarray, y: np.ndarray) -> float:
     return float(mean @ mean + (a * a).sum() / (n1 - 1) + (b * b).sum() / (n2 - 1) - 2 * cross)
 
 
-def test_fid_two_processes_scores_exactly_n_images_and_equals_one(probe, data, sampled, tmp_path):
+def test_fid_two_processes_scores_exactly_n_images_and_equals_one(job, data, samples_one):
     from mbldm.eval.fid import InceptionFeatures, extract_features
 
-    real = tmp_path / "real"
-    real.mkdir()
-    for f in sorted(data["faces"].iterdir())[:4]:
-        shutil.copyfile(f, real / f.name)
-    out = tmp_path / "fid.json"
-    proc = _ok(launch("-m", "mbldm", "fid", "--real", str(real), "--fake", str(sampled["two"]), "--json", str(out),
-                      "--no-progress", cwd=tmp_path))
-    assert proc.stdout.count("FID:") == 1  # process 0 reports
-    got = json.loads(out.read_text())
+    records = _stage(job, "fid")
+    assert records[0]["stdout"].count("FID:") == 1 and records[1]["stdout"] == ""  # process 0 reports
+    got = json.loads((job["dir"] / "fid.json").read_text())
     assert (got["n_real"], got["n_fake"]) == (4, 10)  # exactly the N samples: not grid.png
 
     extractor = InceptionFeatures("cpu")
-    x = extract_features(real, extractor=extractor, progress=False)
-    y = extract_features([sampled["one"] / f"img_{i:06d}.png" for i in range(10)], extractor=extractor,
-                         progress=False)
+    x = extract_features(data["real"], extractor=extractor, progress=False)
+    y = extract_features([samples_one / f"img_{i:06d}.png" for i in range(10)], extractor=extractor, progress=False)
     assert got["fid"] == pytest.approx(_fid_small_n(x, y), rel=1e-5)

@@ -10,6 +10,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# numba's default OpenMP layer shares libgomp with torch: its spinning worker threads made every later torch CPU op
+# in the same process 40-70x slower (seen when sampling decodes batch after batch). The workqueue layer does not.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
+
 
 @numba.njit(parallel=True, cache=True, fastmath=False)
 def _decode_kernel(z, tables, plane_of, offset, m_rgb, out):  # pragma: no cover - compiled

@@ -297,7 +297,8 @@ def _resolve_mixed_precision(requested: str, cuda: bool) -> str:
             print(f"mbldm train: no CUDA device, ignoring --mixed-precision {requested}", file=sys.stderr)
         return "no"
     if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # native bf16 only: V100s report bf16 "supported" through slow emulation
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return requested
 
 

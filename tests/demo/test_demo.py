@@ -179,6 +179,7 @@ def tiny_demo(tmp_path_factory):
     (out / "unrelated.txt").write_text("kept")
     cfg = pipeline.DemoConfig(
         out=str(out), overwrite=True, minutes=5, spec="PQ-16-8-8", resolution=32, preset="tiny", seed=1,
+        variant="both",
         threads=1, progress=False, num_samples=3, sample_steps=2, max_patches=3000, num_crops=8,
         photo_max_side=64, train_steps=2, refiner_steps=1, batch_size=4, refiner_batch_size=2)
     report = pipeline.run_demo(cfg)
@@ -190,7 +191,8 @@ def test_demo_writes_a_report_with_existing_images(tiny_demo):
     assert report == out / "report.html"
     parser = _Collect()
     parser.feed(report.read_text(encoding="utf-8"))
-    assert len(parser.srcs) >= 6  # comparison, ordering, loss, trajectory, grid, raw grid
+    # comparison, ordering, loss, 2 trajectories, 2 grids, the raw (unrefined) continuous grid
+    assert len(parser.srcs) == 8
     for src in parser.srcs:
         assert not os.path.isabs(src) and (out / src).is_file(), src
     assert "demo.json" in parser.hrefs
@@ -198,7 +200,9 @@ def test_demo_writes_a_report_with_existing_images(tiny_demo):
     assert grid.shape[0] > 32 and grid.std() > 0  # a real grid of 3 samples, not a blank image
     assert (out / "unrelated.txt").read_text() == "kept"  # overwrite removes only the demo's entries
     assert [s["name"] for s in summary["steps"]] == ["data", "codec", "bench", "ordering", "latents",
-                                                      "train_continuous", "refiner", "samples", "fid", "report"]
+                                                      "train_continuous", "train_categorical", "refiner", "samples",
+                                                      "fid", "report"]
+    assert summary["hidden_settings"]["train_steps"] == 2  # knobs without a flag are listed
     assert all(s["summary"] for s in summary["steps"])
 
 
@@ -217,6 +221,8 @@ def test_demo_numbers(tiny_demo):
     assert o["psnr"]["shift_ordered"] > o["psnr"]["shift_unordered"]
     assert summary["latents"]["latent_shape"] == [4, 4, 4] and summary["latents"]["count"] == 8
     assert summary["train_continuous"]["steps_done"] == 2
+    assert summary["train_categorical"]["steps_done"] == 2
+    assert summary["samples"]["categorical"]["count"] == 3 and not summary["samples"]["categorical"]["refiner"]
     assert summary["refiner"]["steps_done"] == 1
     assert summary["samples"]["continuous"]["count"] == 3
     assert summary["samples"]["continuous"]["trajectory_t"][0] == 1000

@@ -33,11 +33,17 @@ SEED = 0
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Shared CPU cores: one intra-op thread is fastest for these tiny models."""
-    n = torch.get_num_threads()
+    """Shared CPU cores: one intra-op thread is fastest for these tiny models. Numba too: once an earlier test
+    has run a parallel ``codec.decode`` (numba's "omp" layer shares libgomp with torch), its idle worker makes
+    torch's CPU ops many times slower (see tests/diffusion/test_end_to_end.py)."""
+    import numba
+
+    n, n_numba = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(1)
+    numba.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+    numba.set_num_threads(n_numba)
 
 
 # ------------------------------------------------------------------------------------------------ hand formulas
