@@ -33,7 +33,7 @@ def _figure(width_in: float, height_in: float):
     """A matplotlib Figure not attached to pyplot (no global backend state; rendered by Agg on save)."""
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width_in, height_in), dpi=DPI)
+    return Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
 
 
 def _save(fig, path: str | os.PathLike) -> Path:

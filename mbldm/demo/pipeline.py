@@ -30,8 +30,9 @@ Choices by ``--minutes`` M (each can be overridden):
 Time budget: ``minutes`` is wall time for the whole command. The codec fit, benchmark and latent store run
 first (their time depends on the data, not on M); what remains is split by :func:`plan_budget`: estimated
 sampling / FID / report time is reserved, REFINER_SHARE of the rest trains the refiner and the remainder trains
-the diffusion model(s) (``max_minutes`` of ``train``). Training steps are bounded by both the budget and a step
-count estimated from a short timing of the U-Net, so the progress bar's total is meaningful.
+the diffusion model(s) (``max_minutes`` of ``train``). The step count passed to ``train`` is an upper bound estimated
+from a short timing of the U-Net (STEP_MARGIN x the budget), so the progress bar has a finite total; the time
+budget normally stops training first.
 
 CPU threads: ``threads=None`` uses the free cores, ``cpus - round(1-min load average)``, at least 1 (on a shared,
 busy machine one thread per process is several times faster than oversubscribed threads: measured 13x for the
@@ -88,7 +89,9 @@ REFINER_EVAL_S = 15.0
 REFINER_SHARE = 0.12
 MIN_TRAIN_S = 30.0
 MIN_REFINER_S = 15.0
-STEP_MARGIN = 1.5  # estimated steps = budget / measured step time * margin (the time budget stops first)
+# estimated steps = budget / measured step time * margin: a cap for the progress bar; the time budget stops
+# training first (the short timing over-estimates the step time up to ~2.3x: warm-up, machine load)
+STEP_MARGIN = 3.0
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -394,7 +397,7 @@ def _random_crops(photos: Sequence[np.ndarray], n: int, resolution: int, rng: np
 
 def _seconds_per_step(preset: str, in_ch: int, out_ch: int, side: int, batch: int, forwards: int) -> float:
     """Wall time of one optimizer step (``forwards - 1`` extra no-grad passes, forward, backward, AdamW) of a
-    freshly built U-Net, measured on the 2nd and 3rd of three steps (the 1st warms up)."""
+    freshly built U-Net, measured on the 3rd and 4th of four steps (the first two warm up)."""
     import torch
 
     from mbldm.diffusion.models import build_unet
@@ -404,7 +407,7 @@ def _seconds_per_step(preset: str, in_ch: int, out_ch: int, side: int, batch: in
     x = torch.randn(batch, in_ch, side, side)  # (B, C, h, w)
     t = torch.randint(0, 1000, (batch,))
     times = []
-    for _ in range(3):
+    for _ in range(4):
         start = time.perf_counter()
         for _ in range(forwards - 1):
             with torch.no_grad():
@@ -413,7 +416,7 @@ def _seconds_per_step(preset: str, in_ch: int, out_ch: int, side: int, batch: in
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return float(np.mean(times[1:]))
+    return float(np.mean(times[2:]))
 
 
 def _steps_for(seconds: float, per_step: float) -> int:
