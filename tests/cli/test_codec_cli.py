@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,29 +12,14 @@ from mbldm.cli import main
 from mbldm.codec import Codec
 from mbldm.io.images import load_image
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def _image(relative: str) -> np.ndarray:
-    path = DATA / relative
-    if not path.is_file():
-        pytest.skip(f"real test image {path} not available (see /work/shared/data/README.md)")
-    return load_image(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory, real_image) -> Path:
     """train/{a,b}.png: two small crops of real photographs; odd.png: a 37 x 53 crop to encode."""
     root = tmp_path_factory.mktemp("cli")
-    lena, baboon = _image("sipi/lena.png"), _image("sipi/baboon.png")
+    lena, baboon = real_image("sipi/lena.png"), real_image("sipi/baboon.png")
     (root / "train").mkdir()
     Image.fromarray(lena[200:248, 200:248]).save(root / "train" / "a.png")
     Image.fromarray(baboon[0:40, 0:56]).save(root / "train" / "b.png")

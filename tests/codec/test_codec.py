@@ -23,39 +23,23 @@ from mbldm.codec.codec import CodecConfig, _training_patches
 from mbldm.codec.quantizers import Encoder
 from mbldm.io.images import load_image
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def _image(relative: str) -> np.ndarray:
-    path = DATA / relative
-    if not path.is_file():
-        pytest.skip(f"real test image {path} not available (see /work/shared/data/README.md)")
-    return load_image(path)
-
-
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Eq. 22 on [0, 255]: 10 log10(255^2 / MSE)."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float(10 * np.log10(255.0**2 / mse))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    """faiss's OpenMP threads busy-wait; on a shared 2-core machine one thread is ~10x faster."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
-def mcm() -> list[np.ndarray]:
-    return [_image(f"mcm/{i}.tif") for i in (1, 2, 3)]
+def mcm(real_image) -> list[np.ndarray]:
+    return [real_image(f"mcm/{i}.tif") for i in (1, 2, 3)]
 
 
 @pytest.fixture(scope="module")
-def peppers() -> np.ndarray:
-    return _image("sipi/peppers.png")
+def peppers(real_image) -> np.ndarray:
+    return real_image("sipi/peppers.png")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,29 +11,14 @@ from PIL import Image
 from mbldm.codec import Codec, files
 from mbldm.io.images import load_image
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def _image(relative: str) -> np.ndarray:
-    path = DATA / relative
-    if not path.is_file():
-        pytest.skip(f"real test image {path} not available (see /work/shared/data/README.md)")
-    return load_image(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(tmp_path_factory, real_image) -> Path:
     """images/a.png (40 x 48), images/sub/b.png (32 x 36), odd/x.png (37 x 53): crops of real photographs."""
     root = tmp_path_factory.mktemp("files")
-    baboon, peppers = _image("sipi/baboon.png"), _image("sipi/peppers.png")
+    baboon, peppers = real_image("sipi/baboon.png"), real_image("sipi/peppers.png")
     (root / "images" / "sub").mkdir(parents=True)
     (root / "odd").mkdir()
     Image.fromarray(baboon[100:140, 200:248]).save(root / "images" / "a.png")

@@ -13,13 +13,7 @@ from mbldm.codec import quantizers as q
 from mbldm.codec.codebooks import TrainedQuantizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_faiss_thread():
-    """faiss's OpenMP threads busy-wait; on a shared 2-core machine one thread is ~10x faster."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _patches(n: int, s: int, seed: int) -> np.ndarray:
