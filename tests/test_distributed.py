@@ -13,8 +13,8 @@ script that calls ``mbldm.cli.main([...])`` (what ``python -m mbldm ...`` runs) 
 
 If two processes cannot be started at all (the driver's first line, printed after Accelerate set up the process
 group, does not appear for both ranks), these tests are skipped with the launcher's error; once the processes are
-up, a failure of our code fails the tests. ``accelerate launch --cpu --num_processes 2`` (one process without MPI)
-is launched separately and must be refused.
+up, a failure of our code fails the tests. The literal ``accelerate launch --cpu --num_processes 2 -m mbldm train``
+(which starts one process without MPI; mbldm starts the two) is launched separately: train, then resume.
 """
 from __future__ import annotations
 
@@ -253,12 +253,43 @@ def test_check_launch(env, refused):
         dist.check_launch(env)
 
 
-def test_cpu_launch_that_starts_one_process_is_refused(job, tmp_path):
-    """`accelerate launch --cpu --num_processes 2` (no MPI) runs one process: mbldm says so instead of going on."""
-    proc = launch("-m", "mbldm", "train", "--out", str(tmp_path / "run"), cwd=tmp_path, cpu_flag=True, timeout=300)
-    assert proc.returncode != 0
-    assert "started only this one" in proc.stderr and "--multi_gpu" in proc.stderr
-    assert not (tmp_path / "run").exists()
+def test_parse_accelerate_launch_reads_the_process_count_and_port():
+    base = ["/v/bin/python3", "/v/bin/accelerate", "launch", "--cpu", "--num_processes", "3"]
+    assert dist.parse_accelerate_launch([*base, "-m", "mbldm", "train", "--steps", "2"]) == (3, None)
+    assert dist.parse_accelerate_launch([*base, "--main_process_port", "29777", "-m", "mbldm", "fid"]) == (3, 29777)
+    assert dist.parse_accelerate_launch(["/v/bin/python3", "-m", "mbldm", "train"]) is None  # no `launch`
+    assert dist.parse_accelerate_launch(["accelerate", "launch", "--cpu", "-m", "mbldm"]) is None  # no count
+    assert dist.parse_accelerate_launch(["accelerate", "launch", "--no-such-flag"]) is None
+
+
+def test_complete_cpu_launch_only_acts_on_the_single_process_of_many():
+    parent = ["python", "accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "mbldm", "train"]
+    assert dist.complete_cpu_launch(["train"], environ={}, parent_cmdline=parent) is None  # plain `mbldm train`
+    torchrun = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert dist.complete_cpu_launch(["train"], environ=torchrun, parent_cmdline=parent) is None  # a started worker
+    single = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(RuntimeError, match="started only this one"):  # N not readable: refused, not run as 1
+        dist.complete_cpu_launch(["train"], environ=single, parent_cmdline=["bash", "wrapper.sh"])
+
+
+def test_cpu_launch_trains_checkpoints_and_resumes_with_two_processes(data, one_process_run, tmp_path):
+    """The literal `accelerate launch --cpu --num_processes 2 -m mbldm train ...` (no MPI): Accelerate starts one
+    process, mbldm starts the two (complete_cpu_launch); 3 steps, then --resume to 6, equal the 1-process run."""
+    run = tmp_path / "run_cpu"
+    first = launch("-m", "mbldm", "train", "--latents", str(data["store"]), "--out", str(run), *TRAIN_ARGS,
+                   "--steps", "3", cwd=tmp_path, cpu_flag=True)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "starting all 2 through torch.distributed.run" in first.stderr
+    assert first.stdout.count(str(run)) == 1  # process 0 reports the run folder
+    assert json.loads((run / "config.json").read_text())["num_processes"] == 2
+    _assert_same_weights(one_process_run, run, 3)
+    second = launch("-m", "mbldm", "train", "--out", str(run), "--resume", "latest", "--steps", "6",
+                    "--no-progress", cwd=tmp_path, cpu_flag=True)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([m["loss"] for m in _metrics(run)], [m["loss"] for m in _metrics(one_process_run)],
+                               rtol=1e-5)
+    _assert_same_weights(one_process_run, run, 6)
 
 
 # ----------------------------------------------------------------------------------------------- latents build

@@ -31,11 +31,13 @@ def run_fid(args: argparse.Namespace) -> int:
     """Compute FID, print ``FID: 12.34 (N real, N fake)`` and optionally write JSON."""
     if args.json and not args.overwrite and Path(args.json).exists():
         raise FileExistsError(f"{args.json}: already exists (use --overwrite)")
-    from mbldm.distributed import check_launch
+    from mbldm.distributed import complete_cpu_launch
     from mbldm.eval.fid import fid
     from mbldm.io.atomic import write_json
 
-    check_launch()
+    launched = complete_cpu_launch()
+    if launched is not None:  # `accelerate launch --cpu --num_processes N`: the N processes have run
+        return launched
     # under `accelerate launch` / torchrun each process extracts the features of its block of each folder
     result = fid(args.real, args.fake, save_stats=args.save_stats, batch_size=args.batch_size,
                  device=None if args.device == "auto" else args.device, progress=not args.no_progress,

@@ -10,7 +10,9 @@ def run_build(args: argparse.Namespace) -> int:
     from mbldm import distributed as dist
     from mbldm.data.latent_store import STORE_JSON, build_latent_store, remove_latent_store, store_summary
 
-    dist.check_launch()
+    launched = dist.complete_cpu_launch()
+    if launched is not None:  # `accelerate launch --cpu --num_processes N`: the N processes have run
+        return launched
     n, r = dist.num_processes(), dist.process_index()
     overwrite = args.overwrite
     if n > 1:  # under `accelerate launch` / torchrun process r builds shards r, r+n, ...; deletion happens once

@@ -11,6 +11,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = RefinerConfig(codec=args.codec, data=args.data, out=args.out, resolution=args.resolution,
                         crop_size=args.crop_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        warmup_steps=args.warmup_steps,
                         noise_std=args.noise_std, l1_weight=args.l1_weight, ssim_weight=args.ssim_weight,
                         seed=args.seed, holdout=args.holdout, eval_images=args.eval_images,
                         max_minutes=args.max_minutes, log_every=args.log_every, device=args.device)
@@ -51,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=5000, help="optimizer steps (default 5000)")
     t.add_argument("--batch-size", type=int, default=16, help="crops per step (default 16)")
     t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    t.add_argument("--warmup-steps", type=int, default=100,
+                   help="linear learning-rate warm-up steps (default 100; 1 = none)")
     t.add_argument("--noise-std", type=float, default=2.0,
                    help="max index-space noise std (default 2: the final DDPM steps' noise at K=256)")
     t.add_argument("--l1-weight", type=float, default=0.16, help="L1 loss weight (default 0.16)")

@@ -18,9 +18,11 @@ def _times(text: str) -> list[int]:
 
 def run_sample(args: argparse.Namespace) -> int:
     from mbldm.diffusion.sampling import sample_sharded
-    from mbldm.distributed import check_launch
+    from mbldm.distributed import complete_cpu_launch
 
-    check_launch()
+    launched = complete_cpu_launch()
+    if launched is not None:  # `accelerate launch --cpu --num_processes N`: the N processes have run
+        return launched
     # one process: sample(); under `accelerate launch` / torchrun: each process samples its block of the N indices
     result = sample_sharded(args.run, args.num, out_dir=args.out, sampler=args.sampler, steps=args.steps,
                             eta=args.eta, seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,

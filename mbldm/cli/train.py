@@ -1,7 +1,8 @@
 """``mbldm train``: train the latent diffusion U-Net on a latent store (continuous or categorical variant).
 
 Runs as one CPU process, on one GPU, or as several processes with ``accelerate launch --multi_gpu --num_processes N
--m mbldm train ...`` (GPUs, or CPU processes on a machine without CUDA; see :mod:`mbldm.distributed`).
+-m mbldm train ...`` (GPUs, or CPU processes on a machine without CUDA) or ``accelerate launch --cpu --num_processes
+N -m mbldm train ...`` (CPU processes; see :mod:`mbldm.distributed`).
 Only flags given on the command line override the ``--config`` file and, with ``--resume``, the run's own
 ``RUN/config.json``; everything else keeps the run's (or the default) value. ``--dry-run`` sizes a job without
 training (``mbldm train --config configs/lsun_church_512_continuous.json --dry-run``; see docs/scaling.md).
@@ -46,9 +47,11 @@ _VALUE_FLAGS: tuple[tuple[str, object, str, str], ...] = (
 
 def run_train(args: argparse.Namespace) -> int:
     from mbldm.diffusion.training import TrainConfig, resolve_config, train
-    from mbldm.distributed import check_launch
+    from mbldm.distributed import complete_cpu_launch
 
-    check_launch()
+    launched = complete_cpu_launch()
+    if launched is not None:  # `accelerate launch --cpu --num_processes N`: the N processes have run
+        return launched
     flags = {k: v for k, v in vars(args).items() if k in TrainConfig.field_names()}
     config = resolve_config(flags)
     if getattr(args, "dry_run", False):
@@ -61,7 +64,10 @@ def run_train(args: argparse.Namespace) -> int:
             print("\n".join(report.lines()))
         return 0
     run = train(config)
-    print(run)
+    from mbldm.distributed import is_main_process
+
+    if is_main_process():
+        print(run)
     return 0
 
 

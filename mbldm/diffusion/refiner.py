@@ -183,7 +183,8 @@ class RefinerConfig:
             downsampling factor).
         steps: optimizer steps.
         batch_size: crops per step.
-        lr: AdamW learning rate (constant after a 100-step linear warm-up).
+        lr: AdamW learning rate (constant after ``warmup_steps`` of linear warm-up).
+        warmup_steps: steps of linear learning-rate warm-up from lr / warmup_steps to lr (>= 1; 1 = none).
         noise_std: maximum sigma (index units) of the index-space noise; sigma ~ U[0, noise_std] per crop.
         l1_weight, ssim_weight: loss weights (Zhao et al. 2017: 0.16 / 0.84).
         seed: seeds model init, the split, crops and noise.
@@ -203,6 +204,7 @@ class RefinerConfig:
     steps: int = 5000
     batch_size: int = 16
     lr: float = 2e-4
+    warmup_steps: int = 100
     noise_std: float = 2.0
     l1_weight: float = 0.16
     ssim_weight: float = 0.84
@@ -221,6 +223,7 @@ class RefinerConfig:
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.warmup_steps >= 1, f"warmup_steps must be >= 1, got {self.warmup_steps}"),
             (self.noise_std >= 0, f"noise_std must be >= 0, got {self.noise_std}"),
             (self.l1_weight >= 0 and self.ssim_weight >= 0 and self.l1_weight + self.ssim_weight > 0,
              f"loss weights must be >= 0 and not both 0, got l1={self.l1_weight}, ssim={self.ssim_weight}"),
@@ -456,7 +459,7 @@ def train_refiner(config: RefinerConfig, overwrite: bool = False, progress: bool
         raise ValueError(f"crop_size {config.crop_size} must be a multiple of the U-Net downsampling factor "
                          f"{refiner.factor}")
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    warmup = 100
+    warmup = config.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
     rng = np.random.default_rng(config.seed)
     k_per_channel = _channel_k(codec)

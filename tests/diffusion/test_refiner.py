@@ -121,7 +121,7 @@ def trained(data, tmp_path_factory):
     root, _ = data
     out = tmp_path_factory.mktemp("refiner") / "R"
     cfg = RefinerConfig(codec=str(root / "codec"), data=str(root / "imgs"), out=str(out), crop_size=16, steps=4,
-                        batch_size=2, noise_std=1.5, holdout=0.2, log_every=2, seed=0)
+                        batch_size=2, noise_std=1.5, holdout=0.2, log_every=2, seed=0, warmup_steps=4)
     assert train_refiner(cfg, progress=False) == out
     return cfg, out
 
@@ -135,6 +135,8 @@ def test_train_refiner_writes_artifacts_and_apply_works(data, trained):
     assert 1.6e6 < saved["parameters"] < 1.8e6  # the paper's "only 1.7 M parameters"
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["loss"]) for r in log)
+    # linear warm-up over 4 steps: after k optimizer steps the rate is lr * min(1, (k + 1) / 4)
+    assert [r["lr"] for r in log] == pytest.approx([2e-4 * 3 / 4, 2e-4])
 
     ev = json.loads((out / "eval.json").read_text())
     assert [r["noise_std"] for r in ev["results"]] == [0.0, 0.75, 1.5]
@@ -164,6 +166,8 @@ def test_degrade_images_is_decode_of_corrupted_encode(data):
 def test_refiner_config_validation_and_load_errors(tmp_path):
     with pytest.raises(ValueError, match="holdout"):
         RefinerConfig(codec="c", data="d", out="o", holdout=0.0).validate()
+    with pytest.raises(ValueError, match="warmup_steps"):
+        RefinerConfig(codec="c", data="d", out="o", warmup_steps=0).validate()
     with pytest.raises(ValueError, match="crop_size"):
         RefinerConfig(codec="c", data="d", out="o", crop_size=128, resolution=64).validate()
     with pytest.raises(FileNotFoundError, match="not found"):
