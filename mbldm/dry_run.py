@@ -24,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -250,6 +251,7 @@ class DryRunReport:
     activation_bytes: int  # saved-for-backward bytes of one timed step, per process
     cuda_peak_bytes: int | None = None
     table: list[dict] = field(default_factory=list)
+    batch_note: str | None = None  # why the timed batch differs from the configuration's, when it does
 
     @property
     def local_measured_batch(self) -> int:
@@ -290,8 +292,9 @@ class DryRunReport:
         static = STATIC_BYTES_PER_PARAM * self.num_parameters
         steps_s = 1.0 / self.seconds_per_step
         full = self.steps * self.batch_size * self.seconds_per_image
+        config = f" --config {shlex.quote(self.config_file)}" if self.config_file else ""
         out = [
-            f"mbldm train --dry-run{' ' + self.config_file if self.config_file else ''}",
+            f"mbldm train{config} --dry-run",
             f"  latents      {src}",
             f"  latent       {h} x {w} x {c}, K = {g.num_codewords}{spec}{image}; "
             f"{_size(g.store_bytes_per_image)} per image in the store ({g.dtype})",
@@ -303,6 +306,7 @@ class DryRunReport:
             f"{self.num_processes} process(es): {self.seconds_per_step:.3f} s/step ({steps_s:.3f} steps/s), "
             f"{self.seconds_per_image:.3f} s per image; {self.self_conditioned_steps} of them with the "
             f"self-conditioning forward",
+            *([f"  note         {self.batch_note}"] if self.batch_note else []),
             f"  memory       static {_size(static)} (20 B/parameter: weights, gradients, AdamW, EMA) + activations "
             f"{_size(self.activation_bytes_per_image)} per image (saved for backward, measured)"
             + (f"; CUDA peak {_size(self.cuda_peak_bytes)} at batch {self.local_measured_batch}"
@@ -325,15 +329,20 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
-def dry_run(config: TrainConfig, steps: int = 3, batch_size: int | None = None, progress: bool = False) -> DryRunReport:
+def dry_run(config: TrainConfig, steps: int = 3, batch_size: int | None = None, progress: bool = False,
+            announce: Callable[[str], None] | None = None) -> DryRunReport:
     """Time ``steps`` real training steps of ``config`` on a synthetic (or the real) store; estimate memory.
 
     Args:
         config: a resolved TrainConfig (``resolve_config``); ``latents`` need not exist (see the module docstring).
         steps: steps to run, >= 2: the first is a warm-up, the others are timed.
-        batch_size: global batch of the timed steps (default the configuration's); the per-image cost and
-            memory are extrapolated linearly to the configuration's batch in the report's table.
+        batch_size: global batch of the timed steps. Default: the configuration's on CUDA; on a CPU one image per
+            process (a step of the paper preset at batch 64 takes minutes there), which the report notes
+            (``batch_note``). The per-image cost and memory are extrapolated linearly to the configuration's
+            batch in the report's table.
         progress: show the training progress bar.
+        announce: called with one line ("dry run: timing N steps at global batch B on DEVICE ...") just before
+            the steps run, e.g. to tell a user at a terminal what the silence is.
 
     Returns:
         A :class:`DryRunReport` (print ``"\\n".join(report.lines())``).
@@ -348,7 +357,18 @@ def dry_run(config: TrainConfig, steps: int = 3, batch_size: int | None = None, 
     config = config.validate()
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"dry run: steps must be an integer >= 2 (one warm-up + timed steps), got {steps!r}")
-    batch = config.batch_size if batch_size is None else batch_size
+    cuda = torch.cuda.is_available()
+    batch_note = None
+    if batch_size is None and not cuda:
+        from mbldm.distributed import num_processes
+
+        batch = min(config.batch_size, num_processes())  # one image per process
+        if batch != config.batch_size:
+            batch_note = (f"CPU default: timed at global batch {batch} instead of the configuration's "
+                          f"{config.batch_size} (--dry-run-batch B to time another batch); time and memory are "
+                          f"extrapolated per image")
+    else:
+        batch = config.batch_size if batch_size is None else batch_size
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"dry run: batch size must be an integer >= 1, got {batch!r}")
     geometry = latent_geometry(config)
@@ -373,7 +393,6 @@ def dry_run(config: TrainConfig, steps: int = 3, batch_size: int | None = None, 
                                     log_every=never, progress=progress)
         meter = _SavedTensorMeter()
         times: list[float] = []
-        cuda = torch.cuda.is_available()
 
         def on_step(done: int) -> None:
             meter.step_done()
@@ -385,6 +404,10 @@ def dry_run(config: TrainConfig, steps: int = 3, batch_size: int | None = None, 
             if done >= steps:
                 raise _StopDryRun
 
+        if announce is not None:
+            hint = "; --dry-run-batch 1 for a quick estimate" if batch > 1 else ""
+            announce(f"dry run: timing {steps} steps (1 warm-up) at global batch {batch} on "
+                     f"{'cuda' if cuda else 'cpu'} (Ctrl-C to stop{hint})...")
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             try:
                 train(trial, store=store, on_step=on_step)
@@ -406,7 +429,7 @@ def dry_run(config: TrainConfig, steps: int = 3, batch_size: int | None = None, 
         self_conditioned_steps=sum(config.self_condition and _use_self_condition(config.seed, s)
                                    for s in range(1, steps)),
         activation_bytes=max(meter.per_step),
-        cuda_peak_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
+        cuda_peak_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None, batch_note=batch_note,
     )
     for n in TABLE_PROCESSES:
         if config.batch_size % n == 0:

@@ -5,12 +5,14 @@ skip with a clear reason when it is absent.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +23,7 @@ def real_image():
     def load(relative: str) -> np.ndarray:
         path = SHARED_DATA / relative
         if not path.is_file():
-            pytest.skip(f"real test image {path} not available (see /work/shared/data/README.md)")
+            pytest.skip(f"real test image {path} not available (see MBLDM_TEST_DATA in README)")
         return load_image(path)
 
     return load

@@ -32,7 +32,8 @@ import torch
 
 from mbldm import distributed as dist
 
-FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces"
+FACES = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
+             or Path(__file__).resolve().parents[1].parent / "shared" / "data") / "faces"
 R = 32  # images 32 x 32, VQ-4-4-4 with s = 4 -> latents 8 x 8 x 3, K = 16
 JOB_TIMEOUT_S = 1200  # this shared machine can be 6x oversubscribed; the job takes ~1 min when it is idle
 
@@ -127,7 +128,7 @@ for name, argv in P["commands"]:
 def data(tmp_path_factory) -> dict[str, Path]:
     """12 real faces, a tiny VQ-4-4-4 codec (s = 4) fitted on them at 32 x 32, and a 1-process store of them."""
     if not FACES.is_dir():
-        pytest.skip(f"real face images not found at {FACES} (see /work/shared/data/README.md)")
+        pytest.skip(f"real face images not found at {FACES} (see MBLDM_TEST_DATA in README)")
     from PIL import Image
 
     from mbldm.codec import Codec

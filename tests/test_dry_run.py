@@ -57,6 +57,46 @@ def test_config_dry_runs_without_data_or_store(name, tmp_path, monkeypatch, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written (no run folder, no store)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the batch-1 default applies on a CPU only")
+def test_cli_dry_run_on_cpu_announces_itself_and_defaults_to_batch_1(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / "lsun_church_512_continuous.json"
+    assert main(["train", "--config", str(config), "--dry-run", "--preset", "tiny", "--dry-run-steps", "2",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        "dry run: timing 2 steps (1 warm-up) at global batch 1 on cpu (Ctrl-C to stop)..."]
+    lines = captured.out.splitlines()
+    assert lines[0] == f"mbldm train --config {config} --dry-run"  # a command that runs
+    assert "1 step(s) after 1 warm-up, global batch 1 on 1 process(es)" in captured.out
+    assert ("  note         CPU default: timed at global batch 1 instead of the configuration's 64 "
+            "(--dry-run-batch B to time another batch); time and memory are extrapolated per image") in lines
+    assert "global batch 64, 1,000,000 steps" in captured.out  # the table still reports the configuration's batch
+    assert [line.split()[:2] for line in lines if line.startswith("               ")] == [
+        ["1", "64"], ["2", "32"], ["4", "16"], ["8", "8"]]
+
+
+def test_dry_run_announces_a_larger_batch_with_the_quick_hint(tmp_path):
+    from mbldm.codec import Codec
+    from mbldm.data.latent_store import build_latent_store
+    from mbldm.io.images import save_png
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    for i, im in enumerate(images):
+        save_png(tmp_path / "imgs" / f"{i}.png", im)
+    Codec.fit(images, spec="VQ-4-4-4", patch_size=4, progress=False).save(tmp_path / "codec")
+    store = build_latent_store(tmp_path / "codec", tmp_path / "imgs", 16, tmp_path / "store", progress=False)
+    cfg = resolve_config({"latents": str(store), "out": str(tmp_path / "never"), "steps": 10, "preset": "tiny",
+                          "batch_size": 4})
+    said = []
+    report = dry_run(cfg, steps=2, batch_size=2, announce=said.append)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert said == [f"dry run: timing 2 steps (1 warm-up) at global batch 2 on {device} (Ctrl-C to stop; "
+                    "--dry-run-batch 1 for a quick estimate)..."]
+    assert report.batch_note is None and report.lines()[0] == "mbldm train --dry-run"
+
+
 def test_dry_run_report_on_a_real_store(tmp_path):
     """With an existing store the dry run uses it (its latent shape) and times real training steps."""
     from mbldm.codec import Codec

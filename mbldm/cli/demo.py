@@ -8,9 +8,11 @@ import argparse
 def run_demo(args: argparse.Namespace) -> int:
     from mbldm.demo.pipeline import DemoConfig, demo_command, run_demo
 
+    # the demo's own --threads wins; else the top-level `mbldm --threads N` / MBLDM_THREADS; else free cores
+    threads = args.threads if args.threads is not None else getattr(args, "global_threads", None)
     config = DemoConfig(data=args.data, out=args.out, minutes=args.minutes, spec=args.spec, variant=args.variant,
                         resolution=args.resolution, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
-                        threads=args.threads, progress=not args.quiet)
+                        threads=threads, progress=not args.quiet)
     config.command = demo_command(config)
     run_demo(config)
     return 0
@@ -39,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="U-Net preset of mbldm.diffusion.models (default: cpu below 60 minutes, else small)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch/faiss (default: free cores = CPUs - load average, at least 1)")
+                   help="CPU threads for torch/faiss (default: `mbldm --threads N` if given, else free cores = CPUs - "
+                   "load average, at least 1)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the outputs of a previous demo in --out (other files there are kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (step summaries are still printed)")

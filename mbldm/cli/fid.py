@@ -31,17 +31,28 @@ def run_fid(args: argparse.Namespace) -> int:
     """Compute FID, print ``FID: 12.34 (N real, N fake)`` and optionally write JSON."""
     if args.json and not args.overwrite and Path(args.json).exists():
         raise FileExistsError(f"{args.json}: already exists (use --overwrite)")
+    import sys
+    import warnings
+
+    from mbldm.cli import check_device
     from mbldm.distributed import complete_cpu_launch
     from mbldm.eval.fid import fid
     from mbldm.io.atomic import write_json
 
+    device = None if args.device == "auto" else args.device
+    check_device(device)
     launched = complete_cpu_launch()
     if launched is not None:  # `accelerate launch --cpu --num_processes N`: the N processes have run
         return launched
     # under `accelerate launch` / torchrun each process extracts the features of its block of each folder
-    result = fid(args.real, args.fake, save_stats=args.save_stats, batch_size=args.batch_size,
-                 device=None if args.device == "auto" else args.device, progress=not args.no_progress,
-                 overwrite=args.overwrite, distributed=True)
+    # warnings (e.g. "FID is biased at small N") become one `warning: ...` line each instead of Python's
+    # file:line + source-line format; library deprecation notices are not for the user of the command
+    with warnings.catch_warnings(record=True) as caught:
+        result = fid(args.real, args.fake, save_stats=args.save_stats, batch_size=args.batch_size, device=device,
+                     progress=not args.no_progress, overwrite=args.overwrite, distributed=True)
+    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in shown):
+        print(f"warning: {message}", file=sys.stderr)
     if result is None:  # not the main process of a multi-process job: process 0 reports
         return 0
     n_real = "?" if result["n_real"] is None else result["n_real"]

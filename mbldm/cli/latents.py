@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=run_build)
 
-    info = sub.add_parser("info", help="print a one-line summary of a latent store")
+    info = sub.add_parser(
+        "info", help="print a one-line summary of a latent store",
+        description="Print one line describing a latent store (complete or not): the number of latents, their "
+        "shape and dtype, K and the codec spec, the image resolution, the source data and the shards written.")
     info.add_argument("store", metavar="STORE", help="latent store folder")
     info.set_defaults(func=run_info)

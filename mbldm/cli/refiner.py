@@ -7,8 +7,10 @@ import argparse
 def run_train(args: argparse.Namespace) -> int:
     import json
 
+    from mbldm.cli import check_device
     from mbldm.diffusion.refiner import RefinerConfig, train_refiner
 
+    check_device(args.device)
     cfg = RefinerConfig(codec=args.codec, data=args.data, out=args.out, resolution=args.resolution,
                         crop_size=args.crop_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps,
@@ -24,8 +26,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_apply(args: argparse.Namespace) -> int:
+    from mbldm.cli import check_device
     from mbldm.diffusion.refiner import refine_files
 
+    check_device(args.device)
     written = refine_files(args.refiner, args.inputs, args.out, overwrite=args.overwrite, device=args.device)
     print(f"wrote {len(written)} refined images to {args.out}")
     return 0
@@ -58,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="max index-space noise std (default 2: the final DDPM steps' noise at K=256)")
     t.add_argument("--l1-weight", type=float, default=0.16, help="L1 loss weight (default 0.16)")
     t.add_argument("--ssim-weight", type=float, default=0.84, help="(1 - SSIM) loss weight (default 0.84)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, the held-out split, the crops and the noise (default 0)")
     t.add_argument("--holdout", type=float, default=0.05, help="fraction of images held out (default 0.05)")
     t.add_argument("--eval-images", type=int, default=16, help="held-out images evaluated (default 16)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")

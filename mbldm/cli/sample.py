@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 
-
 def _times(text: str) -> list[int]:
     """Parse ``1000,900,...,0`` into a list of ints."""
     try:
@@ -17,8 +16,11 @@ def _times(text: str) -> list[int]:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from mbldm.cli import check_device
     from mbldm.diffusion.sampling import sample_sharded
     from mbldm.distributed import complete_cpu_launch
+
+    check_device(args.device)  # before launching processes or loading the run
 
     launched = complete_cpu_launch()
     if launched is not None:  # `accelerate launch --cpu --num_processes N`: the N processes have run

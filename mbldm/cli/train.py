@@ -10,14 +10,24 @@ training (``mbldm train --config configs/lsun_church_512_continuous.json --dry-r
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+#: Denoiser presets of ``mbldm.diffusion.models.UNET_PRESETS`` (all but "refiner", the refiner's own) with their
+#: parameter counts for OPQ-32-8-8 latents, continuous variant (12 -> 6 channels). Kept here rather than computed
+#: so that ``mbldm --help`` does not import torch and diffusers; a test checks the keys against UNET_PRESETS.
+PRESET_SIZES: dict[str, str] = {"paper": "48.5M, §4.2.1", "small": "4.2M", "cpu": "1.1M", "tiny": "0.17M, tests only"}
+
+_PRESET_HELP = "U-Net preset (parameters): " + ", ".join(f"{name} ({size})" for name, size in PRESET_SIZES.items())
 
 # (flag, type, metavar, help); the destination is the TrainConfig field of the same name (dashes -> underscores).
 _VALUE_FLAGS: tuple[tuple[str, object, str, str], ...] = (
     ("--latents", str, "STORE", "latent store folder (`mbldm latents build`); required"),
     ("--out", str, "RUN", "run directory (config.json, codec/, metrics.jsonl, checkpoints/, model/); required"),
     ("--steps", int, "N", "total optimizer steps of the run (a resumed run continues up to N); required"),
-    ("--preset", str, "P", "U-Net preset: paper (~50M), small, tiny"),
-    ("--variant", str, "V", "continuous (Eq. 4, §4.2.2) or categorical (Eq. 24, §4.2.3)"),
+    ("--preset", str, "P", _PRESET_HELP),
+    ("--variant", str, "V", "continuous (DDPM on the ordered indices, Eq. 4; §3.2) or categorical (the categorical "
+     "reverse process, Eq. 20-25; §3.2.2)"),
     ("--batch-size", int, "B", "global batch size (split across processes)"),
     ("--lr", float, "LR", "AdamW peak learning rate"),
     ("--lr-schedule", str, "NAME", "constant | constant_with_warmup | linear | cosine"),
@@ -58,8 +68,12 @@ def run_train(args: argparse.Namespace) -> int:
         from mbldm.distributed import is_main_process
         from mbldm.dry_run import dry_run
 
+        def announce(line: str) -> None:  # the steps can take minutes on a CPU: say so before the silence
+            if os.environ.get("RANK", "0") == "0":  # process 0 of an `accelerate launch` / torchrun job
+                print(line, file=sys.stderr, flush=True)
+
         report = dry_run(config, steps=getattr(args, "dry_run_steps", 3),
-                         batch_size=getattr(args, "dry_run_batch", None), progress=False)
+                         batch_size=getattr(args, "dry_run_batch", None), progress=False, announce=announce)
         if is_main_process():
             print("\n".join(report.lines()))
         return 0
@@ -95,6 +109,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run-steps", type=int, metavar="N",
                         help="steps of the dry run: 1 warm-up + N-1 timed (default: 3)")
     parser.add_argument("--dry-run-batch", type=int, metavar="B",
-                        help="global batch of the dry run's steps (default: --batch-size); the report extrapolates "
-                        "per-image time and memory to --batch-size")
+                        help="global batch of the dry run's steps (default: --batch-size on CUDA, one image per "
+                        "process on a CPU); the report extrapolates per-image time and memory to --batch-size")
     parser.set_defaults(func=run_train)

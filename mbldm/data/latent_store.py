@@ -361,7 +361,7 @@ def build_latent_store(
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers if batches else 0,
                         collate_fn=collate_images)
     bar = tqdm(total=total, initial=total - remaining, unit="img", disable=not progress,
-               desc=f"latents {out.name}" + (f" [{process_index}/{num_processes}]" if num_processes > 1 else ""))
+               desc=f"encoding {out.name}" + (f" [{process_index}/{num_processes}]" if num_processes > 1 else ""))
     pending = iter(todo)
     k = next(pending, None)
     parts: list[np.ndarray] = []
@@ -544,7 +544,13 @@ def store_summary(store: str | os.PathLike) -> str:
     cfg = read_store_config(store)
     h, w, c = cfg["latent_shape"]
     done = sum(_shard_ok(store, k, cfg) for k in range(cfg["num_shards"]))
-    state = "complete" if cfg["complete"] else f"INCOMPLETE ({done}/{cfg['num_shards']} shards written)"
-    return (f"{store}: {cfg['count']} latents {h}x{w}x{c} {cfg['dtype']} (K={cfg['num_codewords']}, "
+    n, count = cfg["num_shards"], cfg["count"]
+    state = "complete" if cfg["complete"] else f"INCOMPLETE ({done}/{n} {_plural(n, 'shard')} written)"
+    return (f"{store}: {count} {_plural(count, 'latent')} {h}x{w}x{c} {cfg['dtype']} (K={cfg['num_codewords']}, "
             f"{cfg['spec']}) of {cfg['resolution']}x{cfg['resolution']} images from {cfg['data']}, "
-            f"{cfg['num_shards']} shards of {cfg['shard_size']}, {state}")
+            f"{n} {_plural(n, 'shard')} of {cfg['shard_size']}, {state}")
+
+
+def _plural(n: int, word: str) -> str:
+    """``word`` for n == 1, else ``word + "s"``."""
+    return word if n == 1 else word + "s"

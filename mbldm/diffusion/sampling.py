@@ -444,8 +444,17 @@ def _check_indices(num: int, indices: Sequence[int] | None) -> list[int]:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """None -> cuda when available, else cpu; anything else -> ``torch.device(device)``.
+
+    Raises:
+        ValueError: a CUDA device when torch has no CUDA here (instead of torch's "not compiled with CUDA"
+            AssertionError deep inside ``load_run``).
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available in this torch build/machine "
+                         f"(torch {torch.__version__}); use 'cpu'")
     return torch.device(device)
 
 

@@ -163,11 +163,19 @@ def _sha1(path: Path) -> str:
 
 
 def resolve_device(device: Any = None) -> "torch.device":
-    """``None`` or ``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device(device)``."""
+    """``None`` or ``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device(device)``.
+
+    Raises:
+        ValueError: a CUDA device when torch has no CUDA here (instead of torch's "not compiled with CUDA"
+            AssertionError when the network is loaded).
+    """
     import torch
 
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available in this torch build/machine "
+                         f"(torch {torch.__version__}); use 'cpu'")
     return torch.device(device)
 
 

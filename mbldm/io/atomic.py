@@ -1,6 +1,7 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename.
 
-A reader never sees a half-written file, and a crash leaves either the old file or the new one.
+A reader never sees a half-written file, and a crash leaves either the old file or the new one. The file gets
+the permissions a plain ``open(path, "w")`` would give (0o666 minus the umask), not ``mkstemp``'s private 0o600.
 """
 from __future__ import annotations
 
@@ -12,9 +13,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _default_mode() -> int:
+    """0o666 & ~umask: the mode of a file created by ``open()``. The umask can only be read by setting it, so it is
+    set and restored at once (process-wide; the window is two system calls)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+    """Yield a temporary path beside ``path``; on success rename it onto ``path`` with mode 0o666 & ~umask.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -30,6 +39,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _default_mode())  # mkstemp created it 0o600 (the writer may have replaced the file)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -1,6 +1,7 @@
 """Tests of mbldm/codec/bench.py: JPEG at equal bpp, the Table 1 benchmark and its JSON, with a real tiny codec."""
 from __future__ import annotations
 
+import os
 import io
 import json
 import math
@@ -14,14 +15,15 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from mbldm.codec import bench
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
+            or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 SIPI = DATA / "sipi"
 
 
 def _load(name: str) -> np.ndarray:
     path = SIPI / name
     if not path.is_file():
-        pytest.skip(f"real test image {path} not available (see /work/shared/data/README.md)")
+        pytest.skip(f"real test image {path} not available (see MBLDM_TEST_DATA in README)")
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 

@@ -21,7 +21,8 @@ from mbldm.data.datasets import (
     resize_center_crop,
 )
 
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
+FACES = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
+             or Path(__file__).resolve().parents[2].parent / "shared" / "data") / "faces"
 
 
 # ------------------------------------------------------------------------------------------- resize_center_crop

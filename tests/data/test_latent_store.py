@@ -1,6 +1,7 @@
 """Tests of mbldm/data/latent_store.py and `mbldm latents`: contents, resume, sharding, validation, reader."""
 from __future__ import annotations
 
+import os
 import hashlib
 import json
 import pickle
@@ -18,7 +19,8 @@ from mbldm.data import latent_store as ls
 from mbldm.data.datasets import resize_center_crop
 from mbldm.data.latent_store import LatentDataset, LatentStore, build_latent_store, read_store_config
 
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
+FACES = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
+             or Path(__file__).resolve().parents[2].parent / "shared" / "data") / "faces"
 R = 32  # patch size 4 -> latents 8 x 8 x 3 (VQ-4-4-4: K = 16, uint8)
 N = 10
 
@@ -33,7 +35,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 def setup(tmp_path_factory):
     """(codec_dir, data_dir, {relative path: expected latent (8, 8, 3)}): a tiny real codec and 10 real faces."""
     if not FACES.is_dir():
-        pytest.skip(f"real face images not found at {FACES} (see /work/shared/data/README.md)")
+        pytest.skip(f"real face images not found at {FACES} (see MBLDM_TEST_DATA in README)")
     from mbldm.codec import Codec
 
     root = tmp_path_factory.mktemp("store_setup")

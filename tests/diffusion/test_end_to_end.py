@@ -7,6 +7,7 @@ deterministic DDIM eta = 0 path of the continuous variant) gives the same images
 """
 from __future__ import annotations
 
+import os
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +19,8 @@ from safetensors.torch import load_file
 
 from mbldm.cli import main
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
+            or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 FACES = DATA / "faces"
 R, S = 32, 4  # images 32 x 32, patch size 4 -> latents 8 x 8 x 3 (VQ-4-4-4: K = 16)
 NUM = 4

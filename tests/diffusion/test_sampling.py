@@ -267,6 +267,15 @@ def test_load_errors_name_the_problem(runs, tmp_path):
         sample(runs["continuous"], 1, None, use_ema=False, progress=False)
 
 
+def test_cuda_device_without_cuda_is_a_value_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1", torch.device("cuda:0")):  # checked before the run is loaded
+        with pytest.raises(ValueError, match=r"CUDA is not available in this torch build/machine \(torch "):
+            sample(tmp_path / "nope", 1, None, device=device, progress=False)
+    with pytest.raises(FileNotFoundError):  # a CPU device passes the check
+        sample(tmp_path / "nope", 1, None, device="cpu", progress=False)
+
+
 def test_cli_sample(runs, tmp_path, capsys):
     from mbldm.cli import main
 

@@ -6,6 +6,7 @@ the categorical variant trains, saves and resumes.
 """
 from __future__ import annotations
 
+import os
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +20,8 @@ from mbldm.cli import main
 from mbldm.diffusion import losses, training
 from mbldm.diffusion.training import TrainConfig, global_batch_indices, resolve_config, train
 
-FACES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "faces"
+FACES = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
+             or Path(__file__).resolve().parents[2].parent / "shared" / "data") / "faces"
 R = 32  # patch size 4 -> latents 8 x 8 x 3, K = 16
 
 
@@ -36,7 +38,7 @@ def one_thread():
 def store(tmp_path_factory) -> Path:
     """A complete latent store of 12 real faces (32 x 32) encoded with a tiny VQ-4-4-4 codec (s = 4)."""
     if not FACES.is_dir():
-        pytest.skip(f"real face images not found at {FACES} (see /work/shared/data/README.md)")
+        pytest.skip(f"real face images not found at {FACES} (see MBLDM_TEST_DATA in README)")
     from PIL import Image
 
     from mbldm.codec import Codec

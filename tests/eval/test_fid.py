@@ -203,6 +203,17 @@ def test_extract_features_rejects_non_uint8_arrays():
         F.extract_features([np.zeros((4, 4, 3), np.float32)], progress=False, extractor=_StubExtractor())
 
 
+def test_resolve_device_refuses_cuda_without_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert F.resolve_device(None) == torch.device("cpu") and F.resolve_device("auto") == torch.device("cpu")
+    assert F.resolve_device("cpu") == torch.device("cpu")
+    for device in ("cuda", "cuda:1", torch.device("cuda:0")):
+        with pytest.raises(ValueError, match=r"CUDA is not available in this torch build/machine \(torch "):
+            F.resolve_device(device)
+
+
 # ---------------------------------------------------------------------------------------------------- statistics
 def _stats(seed: int, n: int = 10, dim: int = F.FEATURE_DIM):
     x = np.random.default_rng(seed).normal(size=(n, dim)) + seed
@@ -287,11 +298,15 @@ def test_cli_fid_prints_and_writes_json(tmp_path, capsys, small_dim):
     F.save_statistics(tmp_path / "b.npz", mu_b, s_b, 10)
     expected = F.frechet_distance(mu_a, s_a, mu_b, s_b)
     out = tmp_path / "fid.json"
-    with pytest.warns(UserWarning, match="biased"):
-        code = main(["fid", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz"),
-                     "--json", str(out), "--no-progress"])
+    code = main(["fid", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz"),
+                 "--json", str(out), "--no-progress"])
     assert code == 0
-    assert capsys.readouterr().out.strip() == f"FID: {expected:.2f} (10 real, 10 fake)"
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"FID: {expected:.2f} (10 real, 10 fake)"
+    # the small-N warning is one plain line (no Python file:line / source line)
+    assert captured.err.strip().splitlines() == [
+        f"warning: FID is biased at small N (10 real, 10 fake < {F.MIN_UNBIASED_N} images): the value is larger "
+        "than with many images; compare only scores computed with the same N"]
     data = json.loads(out.read_text())
     assert data["fid"] == pytest.approx(expected) and data["n_real"] == 10 and data["warning"]
     assert main(["fid", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz"),

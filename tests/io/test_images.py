@@ -17,7 +17,8 @@ from PIL import Image, ImageFile, ImageOps
 
 from mbldm.io.images import IMAGE_EXTENSIONS, load_image, save_png, scan_images
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
+            or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
