@@ -341,10 +341,19 @@ class _Recorder:
 
 
 def _copy_files(paths: Sequence[Path], root: Path, dest: Path) -> list[Path]:
-    """Copy files (bytes unchanged) into ``dest``, named by their path below ``root`` with '/' -> '__'."""
+    """Copy files (bytes unchanged) into ``dest``, named by their path below ``root`` with '/' -> '__'.
+
+    Each file is decoded first, so that a broken image is reported under its own path, not the copy's.
+
+    Raises:
+        ValueError: a file is not a readable image (from ``mbldm.io.images.load_image``, naming ``p``).
+    """
+    from mbldm.io.images import load_image
+
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for p in paths:
+        load_image(p)  # raises naming p when it is not a readable image
         target = dest / "__".join(p.relative_to(root).parts)
         shutil.copyfile(p, target)
         out.append(target)
@@ -710,9 +719,10 @@ def _run(cfg: DemoConfig, out: Path, t0: float, deadline: float, threads: int, l
         ref_dir = train_refiner(rc, progress=cfg.progress)
         facts = json.loads((ref_dir / "config.json").read_text(encoding="utf-8"))
         ev = json.loads((ref_dir / "eval.json").read_text(encoding="utf-8"))
-        worst = ev["results"][-1]
+        worst, clean = ev["results"][-1], ev["results"][0]
         line = (f"{facts['steps_done']:,} steps ({facts['parameters']:,} parameters); held-out PSNR at index noise "
-                f"{worst['noise_std']:g}: {worst['psnr_before']:.2f} -> {worst['psnr_after']:.2f} dB")
+                f"{worst['noise_std']:g}: {worst['psnr_before']:.2f} -> {worst['psnr_after']:.2f} dB, clean decodes: "
+                f"{clean['psnr_before']:.2f} -> {clean['psnr_after']:.2f} dB")
         cmd = (f"mbldm refiner train --codec {_q(out / 'codec')} --data {_q(state['train_data'])} --out "
                f"{_q(out / 'refiner')} --resolution {R} --crop-size {crop} --steps {facts['steps_done']} "
                f"--batch-size {cfg.refiner_batch_size} --seed {cfg.seed} --eval-images {eval_images} --log-every 10")

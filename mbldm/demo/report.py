@@ -130,6 +130,11 @@ def _section_training(s: dict) -> str:
         text += (f"<p>Refiner (§4.2.2): {_num(r['parameters'], ',')} parameters, {_num(r['steps_done'], ',')} steps. "
                  f"Held-out images degraded as D(E(x) + σ·N(0,1)) in index space, before / after refinement:</p>"
                  + _table(["σ (index units)", "PSNR before", "PSNR after", "SSIM before", "SSIM after"], ev, left=0))
+        clean = [e for e in r["eval"] if e["noise_std"] == 0]
+        if clean and clean[0]["psnr_after"] < clean[0]["psnr_before"]:
+            text += (f"<p><b>Note:</b> on clean decodes (σ = 0) this refiner lowers PSNR from "
+                     f"{clean[0]['psnr_before']:.2f} to {clean[0]['psnr_after']:.2f} dB: it is undertrained for this "
+                     "budget. The sample grids below show the images before the refiner too.</p>")
     return text + _figure(s, "loss", "Training losses (log scale); loss_q0..q3: by timestep quartile")
 
 

@@ -234,3 +234,16 @@ def test_demo_numbers(tiny_demo):
     cmds = [c for s in summary["steps"] for c in s["commands"]]
     assert any(c.startswith("mbldm train ") and "--steps 2 " in c for c in cmds)
     assert any(c.startswith("mbldm sample --run ") for c in cmds)
+
+
+def test_copy_files_names_the_original_of_a_broken_image(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "sub" / "ok.png")
+    (src / "broken.jpg").write_bytes(b"not a jpeg at all")
+    copied = pipeline._copy_files([src / "sub" / "ok.png"], src, tmp_path / "dest")
+    assert copied == [tmp_path / "dest" / "sub__ok.png"]
+    assert copied[0].read_bytes() == (src / "sub" / "ok.png").read_bytes()
+    with pytest.raises(ValueError, match=str(src / "broken.jpg")):
+        pipeline._copy_files([src / "broken.jpg"], src, tmp_path / "dest")
+    assert not (tmp_path / "dest" / "broken.jpg").exists()
