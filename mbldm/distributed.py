@@ -15,7 +15,7 @@ arguments; it then waits for them and returns their exit status. All of these st
 
     accelerate launch --cpu --num_processes 2 -m mbldm train ...                            # completed by mbldm
     accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 -m mbldm train ...   # torchrun inside
-    torchrun --nproc_per_node 2 -m mbldm train ...
+    torchrun --nproc_per_node 2 -m mbldm train ...        # not `sample`: torchrun reads its --run as --run-path
 
 The processes use the CPU and the gloo backend when CUDA is unavailable (``PartialState(cpu=True)``: Accelerate's
 ``MULTI_CPU`` mode). If the parent's command line cannot be read (not Linux, a wrapper in between),
@@ -32,6 +32,7 @@ __all__ = [
     "LAUNCH_HELP",
     "check_launch",
     "complete_cpu_launch",
+    "torchrun_args",
     "get_state",
     "process_index",
     "num_processes",
@@ -44,7 +45,7 @@ __all__ = [
 
 #: The multi-process launch command that works on CPU-only machines as well as on GPUs.
 LAUNCH_HELP = ("accelerate launch --multi_gpu --num_processes N --main_process_port 0 -m mbldm COMMAND ... "
-               "(or: torchrun --nproc_per_node N -m mbldm COMMAND ...)")
+               "(or, except for `sample`: torchrun --nproc_per_node N -m mbldm COMMAND ...)")
 # Variables one of which a real multi-process launcher sets in every process (torchrun, MPI implementations).
 _WORLD_VARS = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -112,6 +113,21 @@ def _parent_cmdline() -> list[str] | None:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def torchrun_args(n: int, port: int | None, argv: list[str]):
+    """The ``torch.distributed.run`` namespace that runs ``python -m mbldm ARGV`` in ``n`` local processes.
+
+    ``--standalone`` (a local rendezvous on a free port) unless a port > 0 is given. The mbldm arguments are set
+    after parsing, not parsed: torch's parser would take ``--run`` (of ``mbldm sample``) for an abbreviation of
+    its own ``--run-path``.
+    """
+    from torch.distributed.run import get_args_parser
+
+    where = ["--standalone"] if not port else ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    targs = get_args_parser().parse_args(["--nproc_per_node", str(n), *where, "-m", "mbldm"])
+    targs.training_script_args = list(argv)
+    return targs
+
+
 def complete_cpu_launch(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
                         parent_cmdline: list[str] | None = None) -> int | None:
     """Start the N processes that ``accelerate launch --cpu --num_processes N`` (without MPI) did not start.
@@ -145,12 +161,9 @@ def complete_cpu_launch(argv: list[str] | None = None, environ: Mapping[str, str
         return None
     n, port = parsed
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.run import run
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # --standalone: a local rendezvous on a free port; a port given to Accelerate is used as given
-    where = ["--standalone"] if not port else ["--master_addr", "127.0.0.1", "--master_port", str(port)]
-    targs = get_args_parser().parse_args(["--nproc_per_node", str(n), *where, "-m", "mbldm", *argv])
+    targs = torchrun_args(n, port, list(sys.argv[1:] if argv is None else argv))
     print(f"mbldm: `accelerate launch --cpu` started 1 of {n} processes (no MPI); starting all {n} through "
           "torch.distributed.run", file=sys.stderr, flush=True)
     try:

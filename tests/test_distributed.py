@@ -273,7 +273,17 @@ def test_complete_cpu_launch_only_acts_on_the_single_process_of_many():
         dist.complete_cpu_launch(["train"], environ=single, parent_cmdline=["bash", "wrapper.sh"])
 
 
-def test_cpu_launch_trains_checkpoints_and_resumes_with_two_processes(data, one_process_run, tmp_path):
+def test_torchrun_args_pass_mbldm_arguments_through_unparsed():
+    argv = ["sample", "--run", "RUN", "--num", "5", "--out", "S"]  # --run would abbreviate torchrun's --run-path
+    targs = dist.torchrun_args(2, None, argv)
+    assert (targs.nproc_per_node, targs.standalone, targs.module) == ("2", True, True)
+    assert (targs.training_script, targs.training_script_args) == ("mbldm", argv)
+    fixed = dist.torchrun_args(3, 29777, ["train"])
+    assert (fixed.standalone, fixed.master_port, fixed.nproc_per_node) == (False, 29777, "3")
+
+
+def test_cpu_launch_trains_checkpoints_and_resumes_with_two_processes(data, one_process_run, run_dir, samples_one,
+                                                                      tmp_path):
     """The literal `accelerate launch --cpu --num_processes 2 -m mbldm train ...` (no MPI): Accelerate starts one
     process, mbldm starts the two (complete_cpu_launch); 3 steps, then --resume to 6, equal the 1-process run."""
     run = tmp_path / "run_cpu"
@@ -291,6 +301,16 @@ def test_cpu_launch_trains_checkpoints_and_resumes_with_two_processes(data, one_
     np.testing.assert_allclose([m["loss"] for m in _metrics(run)], [m["loss"] for m in _metrics(one_process_run)],
                                rtol=1e-5)
     _assert_same_weights(one_process_run, run, 6)
+    # `sample --run ...` too: its --run must reach mbldm, not torchrun's parser (which would read --run-path)
+    third = launch("-m", "mbldm", "sample", "--run", str(run_dir), "--out", str(tmp_path / "s_cpu"), *SAMPLE_ARGS,
+                   cwd=tmp_path, cpu_flag=True)
+    assert third.returncode == 0, third.stderr[-4000:]
+    from mbldm.io.images import load_image
+
+    assert sorted(p.name for p in (tmp_path / "s_cpu").glob("img_*.png")) == [f"img_{i:06d}.png" for i in range(10)]
+    for i in range(10):
+        np.testing.assert_array_equal(load_image(tmp_path / "s_cpu" / f"img_{i:06d}.png"),
+                                      load_image(samples_one / f"img_{i:06d}.png"))
 
 
 # ----------------------------------------------------------------------------------------------- latents build
