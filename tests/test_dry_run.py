@@ -76,17 +76,22 @@ def test_cli_dry_run_on_cpu_announces_itself_and_defaults_to_batch_1(tmp_path, m
         ["1", "64"], ["2", "32"], ["4", "16"], ["8", "8"]]
 
 
-def test_dry_run_announces_a_larger_batch_with_the_quick_hint(tmp_path):
+def _tiny_store(tmp_path: Path, num_images: int, seed: int) -> Path:
+    """A latent store of ``num_images`` random 16x16 images under a VQ-4-4-4 codec (s = 4 -> 4x4x3 latents)."""
     from mbldm.codec import Codec
     from mbldm.data.latent_store import build_latent_store
     from mbldm.io.images import save_png
 
-    rng = np.random.default_rng(1)
-    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(num_images)]
     for i, im in enumerate(images):
         save_png(tmp_path / "imgs" / f"{i}.png", im)
     Codec.fit(images, spec="VQ-4-4-4", patch_size=4, progress=False).save(tmp_path / "codec")
-    store = build_latent_store(tmp_path / "codec", tmp_path / "imgs", 16, tmp_path / "store", progress=False)
+    return build_latent_store(tmp_path / "codec", tmp_path / "imgs", 16, tmp_path / "store", progress=False)
+
+
+def test_dry_run_announces_a_larger_batch_with_the_quick_hint(tmp_path):
+    store = _tiny_store(tmp_path, num_images=2, seed=1)
     cfg = resolve_config({"latents": str(store), "out": str(tmp_path / "never"), "steps": 10, "preset": "tiny",
                           "batch_size": 4})
     said = []
@@ -99,16 +104,7 @@ def test_dry_run_announces_a_larger_batch_with_the_quick_hint(tmp_path):
 
 def test_dry_run_report_on_a_real_store(tmp_path):
     """With an existing store the dry run uses it (its latent shape) and times real training steps."""
-    from mbldm.codec import Codec
-    from mbldm.data.latent_store import build_latent_store
-    from mbldm.io.images import save_png
-
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
-    for i, im in enumerate(images):
-        save_png(tmp_path / "imgs" / f"{i}.png", im)
-    Codec.fit(images, spec="VQ-4-4-4", patch_size=4, progress=False).save(tmp_path / "codec")
-    store = build_latent_store(tmp_path / "codec", tmp_path / "imgs", 16, tmp_path / "store", progress=False)
+    store = _tiny_store(tmp_path, num_images=3, seed=0)
     cfg = resolve_config({"latents": str(store), "out": str(tmp_path / "never"), "steps": 100, "preset": "tiny",
                           "batch_size": 4, "variant": "categorical"})
     report = dry_run(cfg, steps=3, batch_size=2)
