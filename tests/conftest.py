@@ -30,6 +30,18 @@ def real_image():
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module (use with ``pytest.mark.usefixtures``): on a shared 2-core
+    machine several threads only spin against each other on tiny models."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def one_faiss_thread():
     """faiss's OpenMP threads busy-wait; on a shared 2-core machine one thread is ~10x faster."""
     import faiss

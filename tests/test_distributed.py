@@ -38,13 +38,7 @@ R = 32  # images 32 x 32, VQ-4-4-4 with s = 4 -> latents 8 x 8 x 3, K = 16
 JOB_TIMEOUT_S = 1200  # this shared machine can be 6x oversubscribed; the job takes ~1 min when it is idle
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared CPU cores: one intra-op thread per process."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on 2 shared cores
 
 
 def _accelerate() -> list[str]:

@@ -33,12 +33,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAMES = [f"lsun_{ds}_512_{v}" for ds in ("church", "cat") for v in ("continuous", "categorical")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on 2 shared cores
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -24,13 +24,7 @@ from mbldm.eval.metrics import psnr
 from mbldm.io.images import load_image, save_png
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI machine has 2 shared cores: one intra-op thread is much faster for these small models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on 2 shared cores
 
 
 def _synthetic_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

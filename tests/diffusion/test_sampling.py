@@ -33,13 +33,7 @@ C, K, SIDE = 3, 16, 4  # latent (4, 4, 3), images 16 x 16
 SHAPE = (SIDE, SIDE, C)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CI machine has 2 shared cores: one intra-op thread is much faster for these tiny models."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on 2 shared cores
 
 
 def _synthetic_image(rng: np.random.Generator, n: int = 32) -> np.ndarray:

@@ -25,13 +25,7 @@ FACES = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by
 R = 32  # patch size 4 -> latents 8 x 8 x 3, K = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared CPU cores: several intra-op threads only spin against each other on these tiny tensors."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models on 2 shared cores
 
 
 @pytest.fixture(scope="module")
