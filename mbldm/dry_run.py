@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mbldm.diffusion.training import TrainConfig
+from mbldm.diffusion.train_config import TrainConfig
 
 __all__ = [
     "STATIC_BYTES_PER_PARAM",
@@ -102,7 +102,7 @@ def _declared_geometry(config: TrainConfig) -> dict:
 def latent_geometry(config: TrainConfig) -> LatentGeometry:
     """The latent geometry of a run: from ``config.latents`` when it is a complete store, else from the
     ``latent_shape`` (``[h, w, c]``), ``num_codewords`` (K), ``codec_spec`` and ``resolution`` keys of the
-    ``--config`` JSON (keys that :func:`~mbldm.diffusion.training.resolve_config` accepts and ignores).
+    ``--config`` JSON (keys that :func:`~mbldm.diffusion.train_config.resolve_config` accepts and ignores).
 
     Raises:
         ValueError: no store and no declared shape; a declared shape that is malformed, disagrees with the store
@@ -415,7 +415,7 @@ def dry_run(config: TrainConfig, steps: int = 3, batch_size: int | None = None, 
                 pass
         run_cfg = json.loads((tmp / "run" / "config.json").read_text(encoding="utf-8"))
 
-    from mbldm.diffusion.training import _use_self_condition
+    from mbldm.diffusion.batch_stream import use_self_condition
 
     timed = len(times) - 1
     n_proc = int(run_cfg["num_processes"])
@@ -426,7 +426,7 @@ def dry_run(config: TrainConfig, steps: int = 3, batch_size: int | None = None, 
         mixed_precision=config.mixed_precision, mixed_precision_here=run_cfg["mixed_precision_resolved"],
         device="cuda" if cuda else "cpu", num_processes=n_proc, measured_batch=batch, timed_steps=timed,
         seconds_per_step=(times[-1] - times[0]) / timed,
-        self_conditioned_steps=sum(config.self_condition and _use_self_condition(config.seed, s)
+        self_conditioned_steps=sum(config.self_condition and use_self_condition(config.seed, s)
                                    for s in range(1, steps)),
         activation_bytes=max(meter.per_step),
         cuda_peak_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None, batch_note=batch_note,

@@ -13,7 +13,7 @@ import pytest
 
 from mbldm.codec.spec import parse_spec
 from mbldm.diffusion.models import build_unet, count_parameters
-from mbldm.diffusion.training import TrainConfig, resolve_config
+from mbldm.diffusion.train_config import TrainConfig, resolve_config
 from mbldm.dry_run import latent_geometry
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -335,7 +335,8 @@ ZERO_GRADIENT = ("mid_block.attentions.0.to_k.bias",)
 @pytest.fixture(scope="module")
 def one_process_run(data, tmp_path_factory) -> Path:
     """6 steps in this process with the same settings (global batch 4), checkpoints at 3 and 6."""
-    from mbldm.diffusion.training import resolve_config, train
+    from mbldm.diffusion.train_config import resolve_config
+    from mbldm.diffusion.training import train
 
     flags = dict(latents=str(data["store"]), out=str(tmp_path_factory.mktemp("train1") / "run"), steps=6,
                  preset="tiny", batch_size=4, lr=1e-3, lr_warmup_steps=2, checkpoint_every=3, log_every=1,

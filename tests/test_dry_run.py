@@ -17,7 +17,7 @@ import torch
 
 from mbldm.cli import main
 from mbldm.diffusion.models import build_unet, count_parameters
-from mbldm.diffusion.training import resolve_config
+from mbldm.diffusion.train_config import resolve_config
 from mbldm.dry_run import (
     STATIC_BYTES_PER_PARAM,
     DryRunReport,

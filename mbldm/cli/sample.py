@@ -17,7 +17,7 @@ def _times(text: str) -> list[int]:
 
 def run_sample(args: argparse.Namespace) -> int:
     from mbldm.cli import check_device
-    from mbldm.diffusion.sampling import sample_sharded
+    from mbldm.diffusion.sample_sharding import sample_sharded
     from mbldm.distributed import complete_cpu_launch
 
     check_device(args.device)  # before launching processes or loading the run

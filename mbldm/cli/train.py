@@ -56,7 +56,8 @@ _VALUE_FLAGS: tuple[tuple[str, object, str, str], ...] = (
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mbldm.diffusion.training import TrainConfig, resolve_config, train
+    from mbldm.diffusion.train_config import TrainConfig, resolve_config
+    from mbldm.diffusion.training import train
     from mbldm.distributed import complete_cpu_launch
 
     launched = complete_cpu_launch()
@@ -87,8 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` to the ``mbldm`` parser. Every flag defaults to "not given" (argparse.SUPPRESS) so that
-    :func:`mbldm.diffusion.training.resolve_config` can tell explicit values from defaults."""
-    from mbldm.diffusion.training import TrainConfig
+    :func:`mbldm.diffusion.train_config.resolve_config` can tell explicit values from defaults."""
+    from mbldm.diffusion.train_config import TrainConfig
 
     defaults = TrainConfig()
     parser = subparsers.add_parser(

@@ -16,15 +16,14 @@ import torch
 from mbldm.codec import Codec
 from mbldm.diffusion.categorical import expected_index_unit, gumbel_softmax, logits_from_model_output
 from mbldm.diffusion.models import build_unet
-from mbldm.diffusion.sampling import (
+from mbldm.diffusion.reverse_process import (
     TRAJECTORY_T,
     Trajectory,
     default_trajectory_t,
     generate_latents,
-    make_grid,
     resolve_steps,
-    sample,
 )
+from mbldm.diffusion.sampling import make_grid, sample
 from mbldm.diffusion.schedule import alphas_cumprod_from_betas, make_betas, make_scheduler
 from mbldm.io.images import load_image
 

@@ -22,10 +22,12 @@ import torch
 
 from mbldm.codec import Codec
 from mbldm.diffusion import models
+from mbldm.diffusion.batch_stream import step_seed
 from mbldm.diffusion.models import build_unet
-from mbldm.diffusion.sampling import generate_latents
+from mbldm.diffusion.reverse_process import generate_latents
 from mbldm.diffusion.schedule import make_scheduler
-from mbldm.diffusion.training import TrainConfig, step_seed, train
+from mbldm.diffusion.train_config import TrainConfig
+from mbldm.diffusion.training import train
 
 C, K, SIDE = 3, 16, 8  # VQ-4-4-4 (c = 3, K = 16), s = 4: latents 8 x 8 x 3 of 32 x 32 images
 SEED = 0

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from mbldm.cli import main
 from mbldm.diffusion import losses, training
-from mbldm.diffusion.training import TrainConfig, global_batch_indices, resolve_config, train
+from mbldm.diffusion.batch_stream import global_batch_indices
+from mbldm.diffusion.train_config import TrainConfig, resolve_config
+from mbldm.diffusion.training import train
 
 FACES = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
              or Path(__file__).resolve().parents[2].parent / "shared" / "data") / "faces"
