@@ -47,263 +47,37 @@ adds a sentence under the table (kept in FILE).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+# The measuring side (building, memory guard, timing) is _train_step_worker.py; this script plans the
+# configurations, runs each in a subprocess and renders the report.
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _report when imported from elsewhere
 from _report import update_section  # noqa: E402
+from _train_step_worker import (  # noqa: E402
+    ACTIVATION_SLACK,
+    CODEBOOK_SIZE,
+    LATENT_CHANNELS,
+    MIN_SNR_GAMMA,
+    TAU,
+    log,
+    mem_available_mb,
+    run_worker,
+    utc_now,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 SECTION = "## Training step cost"
 DEFAULT_CODEC = REPO / "out" / "codecs" / "OPQ-32-8-8"
 KINDS = ("latents", "categorical", "pixels")
-LATENT_CHANNELS = 6  # c of OPQ-32-8-8 (Y 4, Cb 1, Cr 1 sub-quantizers)
-CODEBOOK_SIZE = 256  # K of OPQ-32-8-8
-PATCH = 8  # s: 64x64 latent <-> 512x512 image
-MIN_SNR_GAMMA = 5.0
-TAU = 1.0
-ADAMW = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-6)  # TrainConfig defaults
-GRAD_CLIP = 1.0
 RESULT_TAG = "TRAIN_STEP_RESULT "
-# The bytes autograd saves, scaled from the probe, were 0.90-0.92x of the measured activation memory (step memory
-# minus gradients and AdamW states) for the paper preset (latents B=4, categorical B=2, pixels 256 B=1).
-ACTIVATION_SLACK = 1.2
-
-
-def log(msg: str) -> None:
-    print(f"[train_step] {msg}", file=sys.stderr, flush=True)
-
-
-# ================================================================== worker (one configuration, own process)
-def _rss_mb() -> float:
-    """Current resident set size of this process in MB (from /proc/self/statm)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-
-
-def mem_available_mb() -> float:
-    """MemAvailable of /proc/meminfo in MB (inf when unknown)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return float("inf")
-
-
-def _make_batches(cfg: dict, n: int, device, c: int, K: int):
-    """``n`` tuples (x0 or z0, t, noise) of random data for the configuration, on ``device``."""
-    import torch
-
-    g = torch.Generator().manual_seed(cfg["seed"])
-    B, side = cfg["batch"], cfg["side"]
-    out = []
-    for _ in range(n):
-        t = torch.randint(0, 1000, (B,), generator=g)
-        if cfg["kind"] == "pixels":
-            x0 = torch.rand((B, 3, side, side), generator=g) * 2 - 1  # (B, 3, H, W) in [-1, 1]
-            noise = torch.randn((B, 3, side, side), generator=g)
-        else:
-            x0 = torch.randint(0, K, (B, c, side, side), generator=g)  # (B, c, h, w) indices z0
-            noise = torch.randn((B, c, side, side), generator=g)
-        out.append((x0.to(device), t.to(device), noise.to(device)))
-    return out
-
-
-def _build(cfg: dict, device):
-    """(model, optimizer, forward_loss, step, c, K) for a configuration.
-
-    ``forward_loss(batch, self_cond_pass)`` returns the scalar loss (graph attached); ``step(batch, self_cond_pass)``
-    runs one full training step and returns the loss as a float. ``batch`` is a tuple from ``_make_batches``.
-    """
-    import torch
-
-    from mbldm.diffusion import categorical, losses, schedule
-    from mbldm.diffusion.models import build_unet
-
-    kind = cfg["kind"]
-    codec = None
-    c, K = LATENT_CHANNELS, CODEBOOK_SIZE
-    if kind == "categorical":
-        from mbldm.codec import Codec
-
-        codec = Codec.load(cfg["codec"]).to(device)
-        c, K = codec.latent_channels, codec.num_codewords
-    C = 3 if kind == "pixels" else c  # channels of x_t
-    out_channels = c * K if kind == "categorical" else C
-    torch.manual_seed(cfg["seed"])
-    model = build_unet(cfg["preset"], in_channels=2 * C, out_channels=out_channels, sample_size=cfg["side"])
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
-    alphas_cumprod = schedule.alphas_cumprod_from_betas(schedule.make_betas("linear", 1000)).to(device)
-
-    def forward_loss(batch, self_cond_pass: bool):
-        x0, t, noise = batch
-        if kind != "pixels":
-            x0 = schedule.indices_to_unit(x0, K).float()  # (B, c, h, w) in [-1, 1]
-        z_t = schedule.q_sample(x0, t, noise, alphas_cumprod).float()  # (B, C, h, w)
-        cond = torch.zeros_like(z_t)
-        if self_cond_pass:  # the first, no-grad pass that train() makes on half of the steps
-            with torch.no_grad():
-                first = model(schedule.self_condition_input(z_t, cond), t).sample.float()
-                if kind == "categorical":
-                    w = categorical.gumbel_softmax(categorical.logits_from_model_output(first, c, K), TAU)
-                    cond = categorical.expected_index_unit(w, K)
-                else:
-                    cond = schedule.x0_from_eps(z_t, t, first, alphas_cumprod).clamp(-1.0, 1.0)
-            del first
-        out = model(schedule.self_condition_input(z_t, cond), t).sample.float()  # (B, C, h, w) or (B, c*K, h, w)
-        if kind == "categorical":
-            logits = categorical.logits_from_model_output(out, c, K)  # (B, c, K, h, w)
-            with torch.no_grad():
-                x0_image = codec.decode_torch(batch[0])  # (B, 3, H, W) in [0, 255], target of Eq. 24
-            return losses.categorical_loss(logits, x0_image, z_t, noise, t, alphas_cumprod, codec.decode_soft,
-                                           tau=TAU, min_snr_gamma=MIN_SNR_GAMMA).loss
-        return losses.continuous_loss(out, noise, t, alphas_cumprod, min_snr_gamma=MIN_SNR_GAMMA).loss
-
-    def step(batch, self_cond_pass: bool) -> float:
-        loss = forward_loss(batch, self_cond_pass)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return model, optimizer, forward_loss, step, c, K
-
-
-def _saved_bytes(model, forward_loss, batch) -> int:
-    """Bytes of the non-parameter tensors autograd saves for backward in one forward + loss (no backward run)."""
-    import torch
-
-    params = {p.data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(x):
-        if x.data_ptr() not in params:
-            seen[x.data_ptr()] = max(seen.get(x.data_ptr(), 0), x.numel() * x.element_size())
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        loss = forward_loss(batch, False)
-    del loss
-    return sum(seen.values())
-
-
-def estimate_step_mb(cfg: dict, device, factor: int) -> dict:
-    """Memory estimate of one step of ``cfg`` from a probe at 1/8 of the side (see the module docstring)."""
-    from mbldm.diffusion.models import count_parameters
-
-    side = cfg["side"]
-    probe_side = max(factor, (side // 8) // factor * factor)
-    probe_cfg = dict(cfg, side=probe_side)
-    model, _, forward_loss, _, c, K = _build(probe_cfg, device)
-    batch = _make_batches(probe_cfg, 1, device, c, K)[0]
-    saved = _saved_bytes(model, forward_loss, batch)
-    params_mb = count_parameters(model) * 4 / 2**20
-    del model, forward_loss, batch
-    activations_mb = saved / 2**20 * (side / probe_side) ** 2 * ACTIVATION_SLACK
-    return {"probe_side": probe_side, "probe_saved_mb": saved / 2**20, "activations_mb": activations_mb,
-            "weights_mb": params_mb, "states_mb": 3 * params_mb}  # gradients + AdamW exp_avg + exp_avg_sq
-
-
-def _volunteer_for_oom_killer() -> None:
-    """Make this worker the kernel OOM killer's first choice, so that a memory shortage ends the benchmark and not
-    another process on the shared machine (raising one's own oom_score_adj needs no privilege)."""
-    try:
-        Path("/proc/self/oom_score_adj").write_text("1000")
-    except OSError:
-        pass
-
-
-def run_worker(cfg: dict) -> dict:
-    """Measure one configuration in this process; returns the result dict (also printed as JSON)."""
-    import gc
-
-    import torch
-
-    from mbldm.diffusion.models import count_parameters, preset_downsamplings
-
-    _volunteer_for_oom_killer()
-    torch.set_num_threads(cfg["threads"])
-    device = torch.device(cfg["device"])
-    cuda = device.type == "cuda"
-    res = dict(cfg)
-    factor = 2 ** preset_downsamplings(cfg["preset"])
-
-    est = estimate_step_mb(cfg, device, factor)
-    gc.collect()
-    res["estimate"] = est
-    need = est["activations_mb"] + est["weights_mb"] + est["states_mb"]
-    if cuda:
-        free = torch.cuda.mem_get_info(device)[0] / 2**20 - cfg["reserve_mb"]
-        where = "free GPU memory"
-    else:  # this process's current RSS (torch, the freed probe) is not in MemAvailable: not counted twice
-        free = mem_available_mb() - cfg["reserve_mb"]
-        where = "MemAvailable"
-    res["estimate"]["needed_mb"], res["estimate"]["free_mb"] = need, free
-    if need > free:
-        res["skipped"] = (f"estimated {need / 1024:.1f} GB for the step > {free / 1024:.1f} GB ({where} minus "
-                          f"--reserve-mb {cfg['reserve_mb']})")
-        return res
-
-    model, optimizer, _, step, c, K = _build(cfg, device)
-    res["params"] = count_parameters(model)
-    res["in_channels"], res["out_channels"] = model.config.in_channels, model.config.out_channels
-    batches = _make_batches(cfg, cfg["warmup"] + cfg["steps"], device, c, K)
-    res["rss_before_mb"] = _rss_mb()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        res["measured_at"] = _utc_now()
-        res["load_start"] = loadavg()
-        warm_walls, warm_cpus = [], []
-        for i in range(cfg["warmup"]):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(batches[i], cfg["self_cond_pass"])
-            warm_walls.append(time.perf_counter() - t0)
-            warm_cpus.append(time.process_time() - c0)
-            log(f"  {cfg['label']} B={cfg['batch']}: warm-up step {i + 1} {warm_walls[-1]:.2f} s wall, "
-                f"{warm_cpus[-1]:.2f} s CPU")
-        walls, cpus, losses_ = [], [], []
-        for i in range(cfg["warmup"], cfg["warmup"] + cfg["steps"]):
-            if cuda:
-                torch.cuda.synchronize(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            losses_.append(step(batches[i], cfg["self_cond_pass"]))  # float(): waits for the device
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-            log(f"  {cfg['label']} B={cfg['batch']}: step {i + 1 - cfg['warmup']}/{cfg['steps']} "
-                f"{walls[-1]:.2f} s wall, {cpus[-1]:.2f} s CPU")
-    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if "memory" not in str(exc).lower() and not isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-            raise
-        res["skipped"] = f"out of memory during the step ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-        res["peak_rss_mb"] = _peak_rss_mb()
-        return res
-    res.update(wall_s=walls, cpu_s=cpus, warmup_wall_s=warm_walls, warmup_cpu_s=warm_cpus, loss=losses_,
-               peak_rss_mb=_peak_rss_mb(), load_end=loadavg())
-    if cuda:
-        res["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return res
 
 
 # ================================================================== driver
@@ -383,6 +157,8 @@ def ensure_codec(args) -> str:
     return str(out)
 
 
+
+
 # ------------------------------------------------------------------ report
 def cpu_model() -> str:
     try:
@@ -394,11 +170,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def loadavg() -> str:
-    try:
-        return "{:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def _mean(xs: list[float]) -> float:
@@ -460,18 +231,57 @@ def _codec_description(results: list[dict]) -> str:
 
 def render_section(results: list[dict], info: dict, finished: bool) -> str:
     """The markdown section for ``results`` (measured now or carried over with --resume)."""
-    import torch
-
     measured = [r for r in results if "wall_s" in r]
     cuda = any(r["device"].startswith("cuda") for r in measured)
     tags = _commands(measured)
+    results = sorted(results, key=lambda r: (KINDS.index(r["kind"]), r["side"], r["batch"]))
+    head, sep, rows, notes = _table(results, tags, cuda)
+    ratio_rows = _ratio_rows(measured)
+    lines = [
+        SECTION, "",
+        f"Written {utc_now()}" + ("" if list(tags) == [info["command"]] else f" by `{info['command']}`")
+        + ("" if finished else " (run in progress: partial)") + ".",
+    ]
+    if len(tags) > 1:
+        lines.append("Rows were measured by " + str(len(tags)) + " invocations (the tag after each row's name), "
+                     "the later ones with --resume (same machine and settings except as stated):")
+        lines += [""] + [f"- {_command_line(t, c, [r for r in measured if r['command'] == c])}"
+                         for c, t in tags.items()] + [""]
+    elif tags:
+        c = next(iter(tags))
+        lines.append("Measured with " + _command_line(1, c, measured)[4:])
+    lines += [*_setup_lines(measured, info, results), "", head, sep, *rows]
+    if ratio_rows:
+        lines += ["", "| ratio | batch | wall s/step | CPU s/step | peak RSS | step MB |",
+                  "|---|---:|---:|---:|---:|---:|",
+                  *ratio_rows]
+    if any(r["warmup"] == 0 for r in measured):
+        notes.append("Rows with 0 warm-up steps time the very first step, which also pays one-time costs (first "
+                     "touch of freshly allocated memory, AdamW state allocation, oneDNN set-up): they slightly "
+                     "overstate that configuration's per-step cost (used to fit the slowest row in the time box).")
+    lines += [""] + notes + info.get("notes", []) + [_CLOSING_NOTE]
+    return "\n".join(lines) + "\n"
+
+
+_CLOSING_NOTE = (
+    "Pixel models take 6 input channels (RGB x_t + a zero self-conditioning estimate) and predict 3, as the "
+    f"latent model takes 2c = {2 * LATENT_CHANNELS} and predicts c = {LATENT_CHANNELS} (categorical: "
+    f"c*K = {LATENT_CHANNELS * CODEBOOK_SIZE} logits). Peak RSS is the whole subprocess (Python, torch, codec "
+    "tables); 'RSS before' is after building the model, optimizer and data (and after the memory probe, which "
+    "runs one forward at 1/8 of the side first), 'step MB' = peak - before is the step's own memory "
+    "(activations, gradients, AdamW states), and 'estimate MB' is the guard's prediction of it. CPU s is this "
+    "process's CPU time (all threads): on a shared machine the wall time also counts waiting for a CPU, so the "
+    "CPU-time ratio is the cleaner measure of cost.")
+
+
+def _table(results: list[dict], tags: dict[str, int], cuda: bool) -> tuple[str, str, list[str], list[str]]:
+    """(header, separator, one row per configuration, a note per configuration not run) of the main table."""
     head = ("| config | batch | in -> out ch | params | warm-up + timed steps | wall s/step | CPU s/step "
             "| RSS before MB | peak RSS MB | step MB | estimate MB |")
     sep = "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     if cuda:
         head, sep = head + " peak CUDA MB |", sep + "---:|"
     rows, notes = [], []
-    results = sorted(results, key=lambda r: (KINDS.index(r["kind"]), r["side"], r["batch"]))
     for r in results:
         if "wall_s" in r:
             tag = f" [{tags[r['command']]}]" if len(tags) > 1 else ""
@@ -487,50 +297,46 @@ def render_section(results: list[dict], info: dict, finished: bool) -> str:
                       f"{est:,.0f}" if est is not None else ""] + ([""] if cuda else []))
             notes.append(f"{r['label']} batch {r['batch']}: {r['skipped']}.")
         rows.append("| " + " | ".join(cells) + " |")
+    return head, sep, rows, notes
 
+
+def _ratio_rows(measured: list[dict]) -> list[str]:
+    """Rows of the ratio table: pixels / latents and categorical / continuous, per batch size."""
     def find(kind, side, batch):
         for r in measured:
             if r["kind"] == kind and r["side"] == side and r["batch"] == batch:
                 return r
         return None
 
+    def row(name: str, b: int, a: dict, lat: dict) -> str:
+        return (f"| {name} | {b} | {_fmt_ratio(a, lat, 'wall_s')} | {_fmt_ratio(a, lat, 'cpu_s')} | "
+                f"{_fmt_ratio(a, lat, 'peak_rss_mb')} | {_step_mb_ratio(a, lat)} |")
+
     ratio_rows = []
     batches = sorted({r["batch"] for r in measured})
-    latent_sides = sorted({r["side"] for r in measured if r["kind"] == "latents"})
-    for h in latent_sides:
+    for h in sorted({r["side"] for r in measured if r["kind"] == "latents"}):
         lat_name = f"latents {h}x{h}x{LATENT_CHANNELS}"
         for side in sorted({r["side"] for r in measured if r["kind"] == "pixels"}, reverse=True):
             for b in batches:
                 p, lat = find("pixels", side, b), find("latents", h, b)
                 if p and lat:
-                    ratio_rows.append(f"| pixels {side}x{side}x3 / {lat_name} | {b} | {_fmt_ratio(p, lat, 'wall_s')} "
-                                      f"| {_fmt_ratio(p, lat, 'cpu_s')} | {_fmt_ratio(p, lat, 'peak_rss_mb')} | "
-                                      f"{_step_mb_ratio(p, lat)} |")
+                    ratio_rows.append(row(f"pixels {side}x{side}x3 / {lat_name}", b, p, lat))
         for b in batches:
             cat, lat = find("categorical", h, b), find("latents", h, b)
             if cat and lat:
-                ratio_rows.append(f"| categorical / continuous {lat_name} | {b} | {_fmt_ratio(cat, lat, 'wall_s')} | "
-                                  f"{_fmt_ratio(cat, lat, 'cpu_s')} | {_fmt_ratio(cat, lat, 'peak_rss_mb')} | "
-                                  f"{_step_mb_ratio(cat, lat)} |")
+                ratio_rows.append(row(f"categorical / continuous {lat_name}", b, cat, lat))
+    return ratio_rows
+
+
+def _setup_lines(measured: list[dict], info: dict, results: list[dict]) -> list[str]:
+    """The machine, the U-Net and step, and the losses: three paragraphs above the table."""
+    import torch
 
     def values(key):
         return ", ".join(str(v) for v in sorted({r[key] for r in measured})) or "n/a"
 
     self_cond = {r["self_cond_pass"] for r in measured}
-    lines = [
-        SECTION, "",
-        f"Written {_utc_now()}" + ("" if list(tags) == [info["command"]] else f" by `{info['command']}`")
-        + ("" if finished else " (run in progress: partial)") + ".",
-    ]
-    if len(tags) > 1:
-        lines.append("Rows were measured by " + str(len(tags)) + " invocations (the tag after each row's name), "
-                     "the later ones with --resume (same machine and settings except as stated):")
-        lines += [""] + [f"- {_command_line(t, c, [r for r in measured if r['command'] == c])}"
-                         for c, t in tags.items()] + [""]
-    elif tags:
-        c = next(iter(tags))
-        lines.append("Measured with " + _command_line(1, c, measured)[4:])
-    lines += [
+    return [
         f"Machine: {cpu_model()}; {os.cpu_count()} logical CPUs, {info['mem_total_gb']:.0f} GB RAM; device "
         f"{values('device')}; torch threads {values('threads')} (OMP_NUM_THREADS likewise); Python "
         f"{platform.python_version()}, torch {torch.__version__}.",
@@ -542,36 +348,11 @@ def render_section(results: list[dict], info: dict, finished: bool) -> str:
            "steps is not included)" if self_cond == {False} else "") + ".",
         f"Losses: latents and pixels `losses.continuous_loss` (Eq. 4, min-SNR gamma {MIN_SNR_GAMMA:g}); categorical "
         f"`losses.categorical_loss` (Eq. 24, tau {TAU:g}) with `Codec.decode_soft` of {_codec_description(results)}.",
-        "",
-        head, sep, *rows,
     ]
-    if ratio_rows:
-        lines += ["", "| ratio | batch | wall s/step | CPU s/step | peak RSS | step MB |",
-                  "|---|---:|---:|---:|---:|---:|",
-                  *ratio_rows]
-    if any(r["warmup"] == 0 for r in measured):
-        notes.append("Rows with 0 warm-up steps time the very first step, which also pays one-time costs (first "
-                     "touch of freshly allocated memory, AdamW state allocation, oneDNN set-up): they slightly "
-                     "overstate that configuration's per-step cost (used to fit the slowest row in the time box).")
-    lines += [""] + notes + info.get("notes", []) + [
-        "Pixel models take 6 input channels (RGB x_t + a zero self-conditioning estimate) and predict 3, as the "
-        f"latent model takes 2c = {2 * LATENT_CHANNELS} and predicts c = {LATENT_CHANNELS} (categorical: "
-        f"c*K = {LATENT_CHANNELS * CODEBOOK_SIZE} logits). Peak RSS is the whole subprocess (Python, torch, codec "
-        "tables); 'RSS before' is after building the model, optimizer and data (and after the memory probe, which "
-        "runs one forward at 1/8 of the side first), 'step MB' = peak - before is the step's own memory "
-        "(activations, gradients, AdamW states), and 'estimate MB' is the guard's prediction of it. CPU s is this "
-        "process's CPU time (all threads): on a shared machine the wall time also counts waiting for a CPU, so the "
-        "CPU-time ratio is the cleaner measure of cost.",
-    ]
-    return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:  # internal: one configuration in this fresh process
-        result = run_worker(json.loads(argv[1]))
-        print(RESULT_TAG + json.dumps(result), flush=True)
-        return 0
+def _parser() -> argparse.ArgumentParser:
+    """The command line of this script (the module docstring is its help)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split(
                                          "\n\n", 1)[1])
@@ -613,6 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the measured results already in --json and run only the configurations they lack "
                              "(for time-boxed runs on a shared machine; the rows are marked in the table)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:  # internal: one configuration in this fresh process
+        result = run_worker(json.loads(argv[1]))
+        print(RESULT_TAG + json.dumps(result), flush=True)
+        return 0
+    parser = _parser()
     args = parser.parse_args(argv)
     if min(args.steps, args.latent_size) < 1 or args.warmup < 0:
         parser.error("--steps and --latent-size must be >= 1, --warmup >= 0")
@@ -636,13 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = plan(args)
     results = []
     if args.resume:
-        previous = _load_previous(args.json)
-        results = [dict(r, carried_over=True, command=r.get("command", previous["command"]))
-                   for r in previous["results"] if "wall_s" in r]
-        info["notes"] = [n for n in previous.get("notes", []) if n not in args.note] + info["notes"]
-        done = {_config_key(r) for r in results}
-        cfgs = [] if args.report_only else [cfg for cfg in cfgs if _config_key(cfg) not in done]
-        log(f"--resume: {len(results)} measured configuration(s) from {args.json}; {len(cfgs)} to run")
+        results, cfgs = _carry_over(args, info, cfgs)
 
     def publish(finished: bool) -> str:
         section = render_section(results, info, finished=finished)
@@ -658,16 +443,33 @@ def main(argv: list[str] | None = None) -> int:
             (f": {cfg['skipped']}" if "skipped" in cfg else f" (available {mem_available_mb() / 1024:.1f} GB)"))
         r = dict(run_config(cfg, args), command=info["command"])
         results.append(r)
-        if "wall_s" in r:
-            log(f"    {_mean(r['wall_s']):.2f} s/step wall, {_mean(r['cpu_s']):.2f} s/step CPU, "
-                f"peak RSS {r['peak_rss_mb']:,.0f} MB, {r['params']:,} params")
-        elif "skipped" in r:
-            log(f"    not run: {r['skipped']}")
+        _log_result(r)
         section = publish(finished=i == len(cfgs) - 1)
     print(section)
     if not args.no_write:
         log(f"wrote section {SECTION!r} of {args.out}")
     return 0
+
+
+def _carry_over(args, info: dict, cfgs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """--resume: the measured results of --json (tagged with their command) and the configurations they lack;
+    the earlier notes join ``info["notes"]``."""
+    previous = _load_previous(args.json)
+    results = [dict(r, carried_over=True, command=r.get("command", previous["command"]))
+               for r in previous["results"] if "wall_s" in r]
+    info["notes"] = [n for n in previous.get("notes", []) if n not in args.note] + info["notes"]
+    done = {_config_key(r) for r in results}
+    cfgs = [] if args.report_only else [cfg for cfg in cfgs if _config_key(cfg) not in done]
+    log(f"--resume: {len(results)} measured configuration(s) from {args.json}; {len(cfgs)} to run")
+    return results, cfgs
+
+
+def _log_result(r: dict) -> None:
+    if "wall_s" in r:
+        log(f"    {_mean(r['wall_s']):.2f} s/step wall, {_mean(r['cpu_s']):.2f} s/step CPU, "
+            f"peak RSS {r['peak_rss_mb']:,.0f} MB, {r['params']:,} params")
+    elif "skipped" in r:
+        log(f"    not run: {r['skipped']}")
 
 
 def _shown_args(argv: list[str]) -> str:
@@ -704,9 +506,6 @@ def _load_previous(path: str | None) -> dict:
         raise ValueError(f"{file}: not a train_step results file (no 'results' list)")
     return data
 
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _mem_total_gb() -> float:
