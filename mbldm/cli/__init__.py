@@ -158,6 +158,15 @@ def check_device(device) -> None:
                          f"(torch {torch.__version__}); use --device cpu")
 
 
+def print_warnings(caught: list) -> None:
+    """Print recorded warnings (``warnings.catch_warnings(record=True)``) as one ``warning: ...`` line each on
+    stderr, without Python's file:line + source-line format, duplicates once; deprecation notices of libraries
+    are not for the user of the command and are dropped."""
+    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in shown):
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def error_text(command: str, exc: BaseException) -> str:
     """The one-line message of ``exc`` for ``mbldm COMMAND: error: ...``: without a leading ``"COMMAND: "``
     (the prefix is printed once already) and with the library's ``overwrite=True`` hints in CLI words."""
