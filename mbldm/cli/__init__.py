@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-COMMAND_MODULES = ("codec", "latents", "train", "sample", "refiner", "fid", "demo")
+COMMAND_MODULES = ("codec", "latents", "train", "sample", "refiner", "fid", "nearest", "demo")
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                    PermissionError, RuntimeError, KeyError, OSError)
