@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-COMMAND_MODULES = ("codec", "latents", "train", "sample", "refiner", "fid", "demo")
+COMMAND_MODULES = ("codec", "latents", "train", "sample", "refiner", "fid", "nearest", "demo")
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                    PermissionError, RuntimeError, KeyError, OSError)
@@ -156,6 +156,15 @@ def check_device(device) -> None:
     if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available in this torch build/machine "
                          f"(torch {torch.__version__}); use --device cpu")
+
+
+def print_warnings(caught: list) -> None:
+    """Print recorded warnings (``warnings.catch_warnings(record=True)``) as one ``warning: ...`` line each on
+    stderr, without Python's file:line + source-line format, duplicates once; deprecation notices of libraries
+    are not for the user of the command and are dropped."""
+    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in shown):
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def error_text(command: str, exc: BaseException) -> str:

