@@ -17,7 +17,7 @@ import torch
 
 from mbldm.cli import main
 from mbldm.diffusion.models import build_unet, count_parameters
-from mbldm.diffusion.train_config import resolve_config
+from mbldm.diffusion.train_config import VERSION1_VALUES, resolve_config
 from mbldm.dry_run import (
     STATIC_BYTES_PER_PARAM,
     DryRunReport,
@@ -101,7 +101,7 @@ def test_dry_run_report_on_a_real_store(tmp_path):
     """With an existing store the dry run uses it (its latent shape) and times real training steps."""
     store = _tiny_store(tmp_path, num_images=3, seed=0)
     cfg = resolve_config({"latents": str(store), "out": str(tmp_path / "never"), "steps": 100, "preset": "tiny",
-                          "batch_size": 4, "variant": "categorical"})
+                          "batch_size": 4, "variant": "categorical", **VERSION1_VALUES})  # the paper's c*K head
     report = dry_run(cfg, steps=3, batch_size=2)
     assert report.geometry == LatentGeometry((4, 4, 3), 16, "VQ-4-4-4", 16, "store", "uint8")
     assert (report.in_channels, report.out_channels) == (6, 3 * 16)

@@ -22,7 +22,7 @@ def run_build(args: argparse.Namespace) -> int:
         dist.wait_for_everyone()
     out = build_latent_store(args.codec, args.data, args.resolution, args.out, shard_size=args.shard_size,
                              batch_size=args.batch_size, num_workers=args.num_workers, overwrite=overwrite,
-                             progress=not args.quiet, process_index=r, num_processes=n)
+                             progress=not args.quiet, process_index=r, num_processes=n, hflip=args.hflip)
     dist.wait_for_everyone()
     if r == 0:
         print(store_summary(out))
@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--shard-size", type=int, default=1024, metavar="S", help="images per shard (default 1024)")
     build.add_argument("--batch-size", type=int, default=32, help="images per codec.encode call (default 32)")
     build.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
+    build.add_argument("--hflip", action="store_true",
+                       help="also encode each image's horizontal mirror (2N latents): training with flips")
     build.add_argument("--overwrite", action="store_true", help="delete an existing store at STORE and rebuild")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=run_build)

@@ -28,7 +28,7 @@ def run_sample(args: argparse.Namespace) -> int:
     # one process: sample(); under `accelerate launch` / torchrun: each process samples its block of the N indices
     result = sample_sharded(args.run, args.num, out_dir=args.out, sampler=args.sampler, steps=args.steps,
                             eta=args.eta, seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                            refiner=args.refiner, use_ema=not args.no_ema, device=args.device,
+                            estimate=args.estimate, refiner=args.refiner, use_ema=not args.no_ema, device=args.device,
                             progress=not args.quiet, overwrite=args.overwrite, trajectory=args.trajectory)
     if result is None:  # not the main process of a multi-process job: process 0 reports
         return 0
@@ -54,8 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="DDIM steps, 1 <= S <= T (default 50); DDPM always runs all T steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic, default)")
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed + i (default 0)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="GAMMA",
-                   help="categorical runs: z0 ~ softmax(logits / GAMMA) (Eq. 25), 0 = argmax (default 1)")
+    p.add_argument("--temperature", type=float, default=None, metavar="GAMMA",
+                   help="categorical runs: z0 ~ softmax(logits / GAMMA) (Eq. 25), 0 = argmax (default: 0 for runs "
+                   "of format version 2, 1 for version 1 (the paper's Algorithm 2))")
+    p.add_argument("--estimate", choices=("sample", "mean"), default=None,
+                   help="categorical runs: the z0 each intermediate step starts from: sample (Eq. 25, Algorithm 2) "
+                   "or mean (the expected index); the last step always samples at GAMMA (default: mean for "
+                   "version-2 runs, sample for version 1)")
     p.add_argument("--refiner", default=None, metavar="R",
                    help="refiner directory (mbldm refiner train) applied after decoding; raw decodes go to DIR/raw")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default 16)")

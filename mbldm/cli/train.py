@@ -44,11 +44,26 @@ _VALUE_FLAGS: tuple[tuple[str, object, str, str], ...] = (
     ("--log-every", int, "N", "append a metrics.jsonl line every N steps"),
     ("--mixed-precision", str, "MP", "auto | no | fp16 | bf16 (auto: bf16/fp16 on CUDA, no on CPU)"),
     ("--tau", float, "TAU", "Gumbel-softmax temperature (categorical, Eq. 20)"),
-    ("--min-snr-gamma", float, "G", "min-SNR-gamma loss weighting gamma"),
+    ("--min-snr-gamma", float, "G", "min-SNR-gamma loss weighting gamma (continuous loss and the Eq. 24 terms)"),
+    ("--prediction", str, "P", "continuous output: epsilon (Eq. 4) | x0 | v"),
+    ("--head", str, "H", "categorical output: logits (c*K free logits, the paper's head) | logistic (a "
+     "discretised logistic mixture over the ordered codebook, c*3L channels)"),
+    ("--mixtures", int, "L", "components of the logistic head"),
+    ("--precondition", str, "P", "none | edm (EDM's c_skip/c_out around z_t: continuous x0 output (needs "
+     "--prediction x0), logistic means/scales, or the Gaussian evidence of z_t added to the logits)"),
+    ("--sigma-data", float, "S", "std of the clean latents in unit space, for --precondition edm"),
+    ("--nll-weight", float, "W", "categorical: weight of the negative log-likelihood of the true index "
+     "(auxiliary cross-entropy)"),
+    ("--eq24-weight", float, "W", "categorical: weight of the paper's Eq. 24 (image + eps terms)"),
+    ("--soft-sample", str, "S", "categorical Eq. 24 decode weights: gumbel (Eq. 20) | straight-through | softmax"),
+    ("--self-condition-estimate", str, "E", "categorical self-conditioning input: mean (expected index under "
+     "the predicted distribution) | gumbel (expected index under Eq. 20 weights)"),
     ("--timesteps", int, "T", "diffusion timesteps"),
     ("--beta-schedule", str, "NAME", "linear (paper: 1e-4 .. 2e-2) or cosine"),
     ("--seed", int, "S", "seed of the model init, batches, timesteps and noise"),
     ("--max-minutes", float, "M", "wall-clock budget: stop cleanly with a checkpoint and an export after M minutes"),
+    ("--max-cpu-minutes", float, "M", "CPU-time budget of this process (user + system, all threads): stop cleanly "
+     "after M CPU-minutes"),
     ("--num-workers", int, "N", "threads prefetching batches from the store"),
     ("--resume", str, "latest|CKPT", "continue from the newest checkpoint of --out (latest) or a checkpoint folder"),
     ("--config", str, "JSON", "JSON file of settings loaded first (flags override it)"),

@@ -86,7 +86,7 @@ class Codec:
 
     Attributes:
         spec: the parsed CodecSpec; ``patch_size`` (s); ``latent_channels`` (c); ``num_codewords`` (K, the
-        largest codebook size); ``index_dtype`` (np.uint8 when K <= 256 else np.uint16); ``config`` (CodecConfig).
+        largest codebook size); ``codebook_sizes`` ((c,) K_j of each latent channel); ``index_dtype`` (np.uint8 when K <= 256 else np.uint16); ``config`` (CodecConfig).
     """
 
     def __init__(self, config: CodecConfig, quantizers: list[TrainedQuantizer], permutations: list[np.ndarray]):
@@ -95,6 +95,7 @@ class Codec:
         self.patch_size = self.spec.patch_size
         self.latent_channels = self.spec.latent_channels
         self.num_codewords = self.spec.max_k
+        self.codebook_sizes = self.spec.codebook_sizes
         self.index_dtype = np.uint8 if self.num_codewords <= 256 else np.uint16
         self.quantizers = quantizers  # list of 3 TrainedQuantizer (Y, Cb, Cr), codebooks already ordered
         self.permutations = permutations  # list of 3 int64 (M, K)
@@ -275,10 +276,23 @@ class Codec:
         return z[0] if single else z
 
     def _check_indices(self, z: np.ndarray) -> None:
+        """Every index of latent channel j must lie in [0, K_j - 1] (its own codebook, not the largest one).
+
+        Raises:
+            ValueError: wrong channel count, or an index outside its channel's codebook (naming the channel, its K
+                and the offending value).
+        """
         if z.shape[-1] != self.latent_channels:
             raise ValueError(f"latent has {z.shape[-1]} channels, codec {self.spec.name} expects {self.latent_channels}")
-        if z.size and (z.min() < 0 or z.max() >= self.num_codewords):
-            raise ValueError(f"latent indices must lie in [0, {self.num_codewords - 1}], got [{z.min()}, {z.max()}]")
+        if not z.size:
+            return
+        flat = z.reshape(-1, self.latent_channels)
+        low, high = flat.min(axis=0), flat.max(axis=0)  # (c,)
+        for j, (k, name) in enumerate(zip(self.codebook_sizes, self.spec.channel_names)):
+            if low[j] < 0 or high[j] >= k:
+                bad = low[j] if low[j] < 0 else high[j]
+                raise ValueError(f"latent channel {j} ({name}) holds index {bad}, outside its codebook's range "
+                                 f"[0, {k - 1}] (K={k}) in codec {self.spec.name}")
 
     def decode_float(self, z: np.ndarray) -> np.ndarray:
         """Index latents (B, h, w, c) -> float32 RGB (B, H, W, 3), not rounded or clipped (table look-up).
@@ -346,9 +360,16 @@ class Codec:
         return torch.nn.functional.pixel_shuffle(flat, self.patch_size)
 
     def decode_torch(self, z: torch.Tensor) -> torch.Tensor:
-        """Torch hard decode: LongTensor (B, c, h, w) -> float32 RGB (B, 3, H, W), clamped to [0, 255], same device."""
+        """Torch hard decode: LongTensor (B, c, h, w) -> float32 RGB (B, 3, H, W), clamped to [0, 255], same device.
+
+        Raises:
+            ValueError: wrong shape, or an index outside its channel's codebook (see ``_check_indices``).
+        """
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"decode_torch expects (B, {self.latent_channels}, h, w) indices, got {tuple(z.shape)}")
+        sizes = torch.as_tensor(self.codebook_sizes, device=z.device)
+        if z.numel() and (bool((z.amin(dim=(0, 2, 3)) < 0).any()) or bool((z.amax(dim=(0, 2, 3)) >= sizes).any())):
+            self._check_indices(z.permute(0, 2, 3, 1).cpu().numpy())  # raises, naming the channel and its K
         tables, bias = self._torch_tables(z.device, torch.float32)
         acc = bias.view(1, 1, 1, -1).expand(z.shape[0], z.shape[2], z.shape[3], -1).clone()  # (B, h, w, 3*s*s)
         for j in range(self.latent_channels):

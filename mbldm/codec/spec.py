@@ -62,6 +62,20 @@ class CodecSpec:
         return max(c.k for c in self.channels)
 
     @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        """K_j of every latent channel j, (c,) ints: Y sub-quantizers first, then Cb, then Cr (the latent
+        layout). VQ-6-4-4 -> (64, 16, 16); OPQ-32-8-8 -> (256,) * 6."""
+        return tuple(cq.k for cq in self.channels for _ in range(cq.m))
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """Name of every latent channel: "Y" (one sub-quantizer) or "Y[m]" (sub-quantizer m), "Cb", "Cr"."""
+        names = []
+        for plane, cq in zip(CHANNELS, self.channels):
+            names += [plane] if cq.m == 1 else [f"{plane}[{m}]" for m in range(cq.m)]
+        return tuple(names)
+
+    @property
     def compression_ratio(self) -> float:
         """Eq. 23: 3 * 8 * s**2 / (Y_b + Cb_b + Cr_b)."""
         return 3 * 8 * self.patch_size**2 / self.bits_per_patch

@@ -130,6 +130,33 @@ class ImageFolderDataset(Dataset):
         return resize_center_crop(img, self.resolution), self.source(index)
 
 
+class MirroredDataset(Dataset):
+    """A dataset followed by its horizontal mirror images: item i < N is ``base[i]``; item N + i is ``base[i]``
+    flipped left-right, with source ``"<source>#hflip"``. Encoding both gives a latent store that trains with
+    horizontal flips (a flipped image's latent is not a flip of its latent: every patch's codeword changes, so the
+    mirror images are encoded, not derived).
+    """
+
+    SUFFIX = "#hflip"
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return 2 * len(self.base)
+
+    def source(self, index: int) -> str:
+        n = len(self.base)
+        return self.base.source(index) if index < n else self.base.source(index - n) + self.SUFFIX
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
+        n = len(self.base)
+        if index < n:
+            return self.base[index]
+        img, _ = self.base[index - n]
+        return np.ascontiguousarray(img[:, ::-1]), self.source(index)
+
+
 # Read-only LMDB environments by (process id, resolved path, subdir). py-lmdb refuses to open one environment
 # twice in a process, so datasets on the same LMDB share it. LMDB forbids using an environment in a forked
 # child, and py-lmdb (3.x) would refuse the child's own open of a file its parent still holds, so every

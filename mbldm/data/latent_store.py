@@ -50,7 +50,7 @@ SHARDS_DIR = "shards"
 _DTYPES = ("uint8", "uint16")
 # store.json keys that must match for an interrupted build to be resumed ("complete" may differ).
 _BUILD_KEYS = ("format", "version", "resolution", "latent_shape", "dtype", "num_codewords", "spec", "count",
-               "shard_size", "num_shards", "data", "codec_sha256")
+               "shard_size", "num_shards", "data", "codec_sha256", "hflip")
 
 
 # ----------------------------------------------------------------------------------------------- layout helpers
@@ -243,6 +243,7 @@ def build_latent_store(
     progress: bool = True,
     process_index: int = 0,
     num_processes: int = 1,
+    hflip: bool = False,
 ) -> Path:
     """Encode every image of ``data`` once into codec indices and write the latent store ``out`` (§4.2.1).
 
@@ -267,6 +268,9 @@ def build_latent_store(
         num_workers: DataLoader worker processes decoding images (0: in this process).
         overwrite: delete an existing store at ``out`` and start over.  progress: show a tqdm bar.
         process_index, num_processes: build only shards k with k % num_processes == process_index.
+        hflip: also encode every image's horizontal mirror (:class:`mbldm.data.datasets.MirroredDataset`):
+            the store holds 2N latents, entries N..2N-1 the mirrors (source ``"<source>#hflip"``), so that
+            training sees horizontal flips; store.json records ``"hflip": true``.
 
     Returns:
         ``Path(out)``.
@@ -280,7 +284,7 @@ def build_latent_store(
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from mbldm.data.datasets import collate_images, open_image_dataset
+    from mbldm.data.datasets import MirroredDataset, collate_images, open_image_dataset
 
     R = _int_arg("resolution", resolution, 1)
     shard_size = _int_arg("shard_size", shard_size, 1)
@@ -322,6 +326,8 @@ def build_latent_store(
         raise ValueError(f"{codec_dir}: codec index dtype {dtype} is not uint8/uint16")
 
     dataset = open_image_dataset(data, R)
+    if hflip:
+        dataset = MirroredDataset(dataset)
     N = len(dataset)
     sources = [dataset.source(i) for i in range(N)]
     latent_shape = [R // s, R // s, int(codec.latent_channels)]
@@ -329,13 +335,13 @@ def build_latent_store(
         "format": STORE_FORMAT, "version": STORE_VERSION, "resolution": R, "latent_shape": latent_shape,
         "dtype": dtype.name, "num_codewords": int(codec.num_codewords), "spec": str(codec.spec.name), "count": N,
         "shard_size": shard_size, "num_shards": math.ceil(N / shard_size), "complete": False,
-        "data": str(Path(data).resolve()), "codec_sha256": _dir_sha256(codec_dir),
+        "data": str(Path(data).resolve()), "codec_sha256": _dir_sha256(codec_dir), "hflip": bool(hflip),
     }
     _validate_config(cfg, out / STORE_JSON)
 
     # -- set up, or check that the interrupted build had the same arguments
     if existing is not None:
-        diff = [k for k in _BUILD_KEYS if existing.get(k) != cfg[k]]
+        diff = [k for k in _BUILD_KEYS if existing.get(k, False if k == "hflip" else None) != cfg[k]]
         if diff:
             detail = ", ".join(f"{k}: store {existing.get(k)!r} vs now {cfg[k]!r}" for k in diff)
             raise ValueError(f"{out / STORE_JSON}: an unfinished latent store built with different arguments "
@@ -547,7 +553,8 @@ def store_summary(store: str | os.PathLike) -> str:
     n, count = cfg["num_shards"], cfg["count"]
     state = "complete" if cfg["complete"] else f"INCOMPLETE ({done}/{n} {_plural(n, 'shard')} written)"
     return (f"{store}: {count} {_plural(count, 'latent')} {h}x{w}x{c} {cfg['dtype']} (K={cfg['num_codewords']}, "
-            f"{cfg['spec']}) of {cfg['resolution']}x{cfg['resolution']} images from {cfg['data']}, "
+            f"{cfg['spec']}) of {cfg['resolution']}x{cfg['resolution']} images"
+            f"{' and their mirrors' if cfg.get('hflip') else ''} from {cfg['data']}, "
             f"{n} {_plural(n, 'shard')} of {cfg['shard_size']}, {state}")
 
 

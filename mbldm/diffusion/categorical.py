@@ -192,3 +192,72 @@ def temperature_sample(logits: torch.Tensor, gamma: float, generator: Generators
         g = gumbel_noise((1, *logits.shape[1:]), gen, logits.device, dtype)  # (1, c, K, h, w)
         out.append((logits[b : b + 1].to(dtype) / gamma + g).argmax(dim=2))  # (1, c, h, w)
     return torch.cat(out, dim=0)
+
+
+def mask_logits(logits: torch.Tensor, sizes: Sequence[int] | None) -> torch.Tensor:
+    """Logits (B, c, K_max, h, w) with every index k >= K_j of channel j set to -1e4 (probability ~ 0), for
+    codecs whose channels have different codebook sizes (VQ-6-4-4: 64, 16, 16). Returns ``logits`` unchanged when
+    every K_j == K_max (or ``sizes`` is None)."""
+    if sizes is None:
+        return logits
+    K = logits.shape[2]
+    sizes_t = torch.as_tensor(list(sizes), device=logits.device)
+    if bool((sizes_t == K).all()):
+        return logits
+    k = torch.arange(K, device=logits.device).view(1, 1, K, 1, 1)
+    return logits.masked_fill(k >= sizes_t.view(1, -1, 1, 1, 1), -1e4)
+
+
+class CategoricalLogits:
+    """Free logits over each codebook (the paper's head, §3.2.2): the same interface as
+    :class:`mbldm.diffusion.logistic.LogisticMixture` (``log_prob``, ``mean_unit``, ``sample``, ``logits``).
+
+    Args:
+        logits: (B, c, K_max, h, w) unnormalised log-probabilities.
+        sizes: the (c,) codebook sizes K_j (None: all K_max); indices k >= K_j are masked out.
+    """
+
+    def __init__(self, logits: torch.Tensor, sizes: Sequence[int] | None = None):
+        _check_logits(logits, "CategoricalLogits")
+        self._logits = mask_logits(logits, sizes)
+        K = logits.shape[2]
+        self._sizes = [K] * logits.shape[1] if sizes is None else [int(k) for k in sizes]
+
+    def logits(self, K_max: int | None = None) -> torch.Tensor:
+        """(B, c, K_max, h, w) masked logits."""
+        return self._logits
+
+    def log_prob(self, z0: torch.Tensor) -> torch.Tensor:
+        """log softmax at the true indices: z0 (B, c, h, w) integers -> (B, c, h, w) float32 (nats)."""
+        log_p = torch.log_softmax(self._logits.float(), dim=2)
+        return log_p.gather(2, z0.long().unsqueeze(2)).squeeze(2)
+
+    def mean_unit(self) -> torch.Tensor:
+        """E[unit(z0)] under softmax(logits): (B, c, h, w) in [-1, 1], unit(k) = 2k / (K_j - 1) - 1 per channel."""
+        return expected_unit(torch.softmax(self._logits.float(), dim=2), self._sizes)
+
+    def sample(self, gamma: float, generator: Generators = None) -> torch.Tensor:
+        """Eq. 25: z0 ~ softmax(logits / gamma) (gamma = 0: argmax): LongTensor (B, c, h, w)."""
+        return temperature_sample(self._logits, gamma, generator=generator)
+
+
+def expected_unit(weights: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """Soft z_0 in unit space with per-channel codebook sizes: sum_k w_k (2k / (K_j - 1) - 1) over dim 2.
+
+    ``sizes`` None (or all equal to the K axis) is exactly :func:`expected_index_unit`. Weights on k >= K_j
+    contribute with value clamped to +1 (they should be ~0, see :func:`mask_logits`).
+
+    Args:
+        weights: (B, c, K, h, w) non-negative, summing to 1 over dim 2.
+        sizes: (c,) codebook sizes K_j, or None.
+    Returns:
+        (B, c, h, w) in [-1, 1] with the dtype of ``weights``; differentiable.
+    """
+    _check_logits(weights, "expected_unit")
+    K = weights.shape[2]
+    if sizes is None or all(int(k) == K for k in sizes):
+        return expected_index_unit(weights, K)
+    k = torch.arange(K, device=weights.device, dtype=weights.dtype)
+    sizes_t = torch.as_tensor(list(sizes), device=weights.device, dtype=weights.dtype)
+    values = (2.0 * k.view(1, K) / (sizes_t.view(-1, 1) - 1.0) - 1.0).clamp(max=1.0)  # (c, K)
+    return torch.einsum("bckhw,ck->bchw", weights, values)

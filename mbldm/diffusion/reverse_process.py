@@ -45,6 +45,7 @@ __all__ = [
     "resolve_steps",
     "default_trajectory_t",
     "generate_latents",
+    "ESTIMATES",
 ]
 
 SAMPLERS = ("ddpm", "ddim")
@@ -137,6 +138,10 @@ def generate_latents(
     tau: float = 1.0,
     trajectory: Trajectory | None = None,
     progress: bool = False,
+    parameterization=None,
+    estimate: str = "sample",
+    self_condition_estimate: str = "gumbel",
+    alphas_cumprod: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse process for one batch in memory and return integer latents (no decoding, no I/O).
 
@@ -158,9 +163,20 @@ def generate_latents(
             ``tau`` (ignored for continuous models or without self-conditioning).
         trajectory: optional :class:`Trajectory` to fill with x_t and x0 estimates at chosen times.
         progress: show a tqdm bar over the steps.
+        parameterization: the run's :class:`mbldm.diffusion.parameterization.Parameterization` (what the output
+            means, and the per-channel codebook sizes); None: the paper's (epsilon / free logits, every K_j = K).
+            Continuous runs with an x0 or v output, or with preconditioning, need a scheduler with
+            ``prediction_type="sample"`` (they are stepped from their z_0 estimate).
+        estimate: categorical: the z_0 each intermediate step is taken from: "sample" (Eq. 25 at
+            ``temperature``, Algorithm 2) or "mean" (the expected index under the predicted distribution). The last
+            step always returns a sample at ``temperature`` (0: the mode).
+        self_condition_estimate: categorical self-conditioning input: "gumbel" (expected index under Eq. 20
+            weights at ``tau``, the version-1 runs) or "mean" (expected index, no noise); as the run was trained.
+        alphas_cumprod: (T,) float64 abar of the run (default: from the scheduler's betas in float64), used by
+            preconditioned parameterisations.
 
     Returns:
-        LongTensor (B, h, w, c) on the CPU, values in [0, K-1].
+        LongTensor (B, h, w, c) on the CPU, values in [0, K_j - 1].
 
     Raises:
         ValueError: bad variant / steps / eta / temperature, or a scheduler whose prediction type does not match.
@@ -168,19 +184,25 @@ def generate_latents(
     from diffusers.utils.torch_utils import randn_tensor
     from tqdm.auto import tqdm
 
+    from mbldm.diffusion.parameterization import Parameterization
     from mbldm.diffusion.schedule import self_condition_input, unit_to_indices
-
-    sampler = _check_generate_args(scheduler, variant, eta, temperature, tau, seeds)
-    T = int(scheduler.config.num_train_timesteps)
-    S = resolve_steps(sampler, steps, T)
-    scheduler.set_timesteps(S)
 
     h, w, c = (int(v) for v in latent_shape)
     K = int(num_codewords)
+    param = parameterization if parameterization is not None else Parameterization(variant, (K,) * c)
+    sampler = _check_generate_args(scheduler, param, eta, temperature, tau, seeds, estimate, self_condition_estimate)
+    T = int(scheduler.config.num_train_timesteps)
+    S = resolve_steps(sampler, steps, T)
+    scheduler.set_timesteps(S)
+    if alphas_cumprod is None:
+        alphas_cumprod = torch.cumprod(1.0 - scheduler.betas.to(torch.float64), dim=0)
+
     B = len(seeds)
     device = next(model.parameters()).device
+    alphas_cumprod = alphas_cumprod.to(device)
     gens = _per_image_generators(seeds)
     step_kwargs = {"eta": float(eta)} if sampler == "ddim" else {}
+    sizes = param.sizes
 
     x = randn_tensor((B, c, h, w), generator=gens, device=device, dtype=torch.float32)  # (B, c, h, w) x_T
     x = x * scheduler.init_noise_sigma
@@ -190,36 +212,39 @@ def generate_latents(
     visited = [k + 1 for k in timesteps] + [0]  # paper times of the states x_t met along the way
     keep = set(trajectory.snapped(visited)) if trajectory is not None else set()
     frames_xt, frames_x0, recorded = [], [], []
+    choice = _StepChoice(param, temperature, tau, estimate, self_condition_estimate, self_condition, alphas_cumprod)
 
-    for k in tqdm(timesteps, desc=f"{sampler} {S} steps", disable=not progress, leave=False):
+    for n, k in enumerate(tqdm(timesteps, desc=f"{sampler} {S} steps", disable=not progress, leave=False)):
         x_in = self_condition_input(x, x0_prev) if self_condition else x  # (B, 2c or c, h, w)
         t_batch = torch.full((B,), k, device=device, dtype=torch.long)
-        out = model(x_in, t_batch).sample  # (B, c, h, w) eps  or  (B, c*K, h, w) logits
-        model_output, x0_cond = _scheduler_input(out, variant, self_condition, c, K, temperature, tau, gens, x.dtype)
+        out = model(x_in, t_batch).sample  # (B, c, h, w) or (B, c*K, h, w) or (B, c*3L, h, w)
+        model_output, x0_cond = choice(out, x, t_batch, gens, last=n == len(timesteps) - 1)
         step = scheduler.step(model_output, k, x, generator=gens, **step_kwargs)
         if k + 1 in keep:
             recorded.append(k + 1)
-            frames_xt.append(unit_to_indices(x, K).cpu())
-            frames_x0.append(unit_to_indices(step.pred_original_sample, K).cpu())
+            frames_xt.append(unit_to_indices(x, sizes).cpu())
+            frames_x0.append(unit_to_indices(step.pred_original_sample, sizes).cpu())
         x0_prev = step.pred_original_sample if x0_cond is None else x0_cond  # (B, c, h, w)
         x = step.prev_sample  # (B, c, h, w) x_{t-1}
 
-    z = unit_to_indices(x, K).cpu()  # (B, c, h, w) long in [0, K-1]
+    z = unit_to_indices(x, sizes).cpu()  # (B, c, h, w) long in [0, K_j - 1]
     if trajectory is not None:
         _fill_trajectory(trajectory, recorded, frames_xt, frames_x0, z, final=0 in keep)
     return z.permute(0, 2, 3, 1).contiguous()  # (B, h, w, c)
 
 
-def _check_generate_args(scheduler, variant: str, eta: float, temperature: float, tau: float,
-                         seeds: Sequence[int]) -> str:
+ESTIMATES = ("sample", "mean")
+
+
+def _check_generate_args(scheduler, param, eta: float, temperature: float, tau: float, seeds: Sequence[int],
+                         estimate: str, self_condition_estimate: str) -> str:
     """Validate :func:`generate_latents`' settings against each other and the scheduler; return the sampler name."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    want_pred = "epsilon" if variant == "continuous" else "sample"
+    want_pred = "epsilon" if not param.categorical and param.prediction == "epsilon" else "sample"
     if scheduler.config.prediction_type != want_pred:
-        raise ValueError(f"the {variant} variant needs a scheduler with prediction_type={want_pred!r}, got "
+        what = "categorical" if param.categorical else f"continuous ({param.prediction} output)"
+        raise ValueError(f"the {what} variant needs a scheduler with prediction_type={want_pred!r}, got "
                          f"{scheduler.config.prediction_type!r}")
     if isinstance(scheduler, DDIMScheduler):
         sampler = "ddim"
@@ -235,38 +260,58 @@ def _check_generate_args(scheduler, variant: str, eta: float, temperature: float
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not (tau > 0 and math.isfinite(tau)):
         raise ValueError(f"tau must be a finite number > 0, got {tau}")
-    if variant == "continuous" and temperature != 1.0:
+    if not param.categorical and temperature != 1.0:
         raise ValueError("temperature (Eq. 25) applies to the categorical variant only; this run is continuous")
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+    if self_condition_estimate not in ("gumbel", "mean"):
+        raise ValueError(f"self_condition_estimate must be 'gumbel' or 'mean', got {self_condition_estimate!r}")
     if len(seeds) < 1:
         raise ValueError("generate_latents needs at least one seed")
     return sampler
 
 
-def _scheduler_input(out, variant: str, self_condition: bool, c: int, K: int, temperature: float, tau: float,
-                     gens, dtype):
-    """What the scheduler steps from, and the next self-conditioning estimate when it is not the scheduler's x0.
+@dataclass
+class _StepChoice:
+    """What the scheduler steps from at each step, and the next self-conditioning estimate when it is not the
+    scheduler's x0 (``__call__`` returns both).
 
-    Continuous: the eps output itself, None. Categorical: z0 ~ softmax(logits / temperature) (Eq. 25) mapped to
-    [-1, 1], and with self-conditioning the trainer's estimate, the expected index under Gumbel-softmax weights
-    (Eq. 20), else None.
+    Continuous: the eps output itself (epsilon runs), else the z_0 estimate of the parameterisation; None.
+    Categorical: z_0 ~ the predicted distribution at ``temperature`` (Eq. 25) mapped to [-1, 1] -- or, with
+    ``estimate="mean"`` on all but the last step, the expected index -- and with self-conditioning the trainer's
+    estimate (the mean, or the expected index under Gumbel-softmax weights, Eq. 20).
     """
-    from mbldm.diffusion.categorical import (
-        expected_index_unit,
-        gumbel_softmax,
-        logits_from_model_output,
-        temperature_sample,
-    )
-    from mbldm.diffusion.schedule import indices_to_unit
 
-    if variant == "continuous":
-        return out, None
-    logits = logits_from_model_output(out, c, K)  # (B, c, K, h, w)
-    z0 = temperature_sample(logits, temperature, generator=gens)  # (B, c, h, w) long, Eq. 25
-    model_output = indices_to_unit(z0, K).to(dtype)  # (B, c, h, w) in [-1, 1]
-    x0_cond = None
-    if self_condition:  # the trainer's estimate: expected index under Gumbel-softmax weights (Eq. 20)
-        x0_cond = expected_index_unit(gumbel_softmax(logits, tau, generator=gens), K)  # (B, c, h, w)
-    return model_output, x0_cond
+    param: object
+    temperature: float
+    tau: float
+    estimate: str
+    self_condition_estimate: str
+    self_condition: bool
+    alphas_cumprod: torch.Tensor
+
+    def __call__(self, out, x, t, gens, last: bool):
+        from mbldm.diffusion.categorical import expected_unit, gumbel_softmax
+        from mbldm.diffusion.schedule import indices_to_unit
+
+        param = self.param
+        if not param.categorical:
+            if param.prediction == "epsilon":
+                return out, None
+            return param.x0(out, x, t, self.alphas_cumprod).to(x.dtype), None
+        dist = param.distribution(out, x, t, self.alphas_cumprod)
+        if self.estimate == "mean" and not last:
+            model_output = dist.mean_unit().to(x.dtype)  # (B, c, h, w) in [-1, 1]
+        else:
+            z0 = dist.sample(self.temperature, generator=gens)  # (B, c, h, w) long, Eq. 25
+            model_output = indices_to_unit(z0, param.sizes).to(x.dtype)  # (B, c, h, w) in [-1, 1]
+        x0_cond = None
+        if self.self_condition and self.self_condition_estimate == "gumbel":
+            weights = gumbel_softmax(dist.logits(param.K), self.tau, generator=gens)  # Eq. 20
+            x0_cond = expected_unit(weights, param.sizes)  # (B, c, h, w)
+        elif self.self_condition:
+            x0_cond = model_output if self.estimate == "mean" and not last else dist.mean_unit()
+        return model_output, x0_cond
 
 
 def _fill_trajectory(trajectory: Trajectory, recorded: list[int], frames_xt: list, frames_x0: list,

@@ -118,12 +118,14 @@ def append_metrics(file: Path, row: dict) -> None:
 
 def metrics_row(step: int, stats: list, T: int, lr: float, steps_per_s: float, elapsed: float,
                  categorical: bool) -> dict:
-    """Aggregate gathered per-image rows [loss, t, img, eps] of the last steps into one metrics.jsonl line."""
+    """Aggregate gathered per-image rows [loss, t, img, eps(, nll)] of the last steps into one metrics.jsonl line
+    (categorical runs: ``loss_img`` and ``loss_eps``, the weighted Eq. 24 terms, and ``loss_nll``, the weighted
+    negative log-likelihood, when the rows have it)."""
     import torch
 
     from mbldm.diffusion import schedule
 
-    s = torch.cat(stats)  # (N, 4)
+    s = torch.cat(stats)  # (N, 4) or (N, 5)
     loss, t = s[:, 0], s[:, 1].long()
     q = torch.as_tensor(schedule.timestep_quartile(t, T)).long()
     row: dict[str, Any] = {"step": step, "loss": float(loss.mean())}
@@ -133,5 +135,7 @@ def metrics_row(step: int, stats: list, T: int, lr: float, steps_per_s: float, e
     if categorical:
         row["loss_img"] = float(s[:, 2].mean())
         row["loss_eps"] = float(s[:, 3].mean())
+        if s.shape[1] > 4:
+            row["loss_nll"] = float(s[:, 4].mean())
     row.update(lr=lr, steps_per_s=steps_per_s, elapsed_s=round(elapsed, 3))
     return row

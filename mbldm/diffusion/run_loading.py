@@ -12,7 +12,7 @@ import torch
 
 from mbldm.diffusion.reverse_process import VARIANTS
 
-__all__ = ["RunModel", "load_run", "read_trained_config"]
+__all__ = ["RunModel", "load_run", "read_trained_config", "run_parameterization"]
 
 _RUN_KEYS = ("variant", "latent_shape", "num_codewords", "timesteps", "beta_schedule", "self_condition")
 
@@ -29,6 +29,11 @@ class RunModel:
     @property
     def variant(self) -> str:
         return self.config["variant"]
+
+    @property
+    def parameterization(self):
+        """What the U-Net's output means (:func:`run_parameterization`)."""
+        return run_parameterization(self.config)
 
 
 def read_trained_config(run_dir: Path) -> dict:
@@ -54,7 +59,19 @@ def read_trained_config(run_dir: Path) -> dict:
         raise ValueError(f"{path}: variant is {cfg['variant']!r}, expected one of {VARIANTS}")
     if len(cfg["latent_shape"]) != 3:
         raise ValueError(f"{path}: latent_shape must be [h, w, c], got {cfg['latent_shape']}")
-    return cfg
+    from mbldm.diffusion.train_config import with_version1_values
+
+    return with_version1_values(cfg)
+
+
+def run_parameterization(cfg: dict):
+    """The :class:`~mbldm.diffusion.parameterization.Parameterization` of a run config (per-channel codebook
+    sizes from ``codebook_sizes``, else K for every channel)."""
+    from mbldm.diffusion.parameterization import parameterization_of
+
+    c = int(cfg["latent_shape"][2])
+    sizes = cfg.get("codebook_sizes") or [int(cfg["num_codewords"])] * c
+    return parameterization_of(cfg, sizes)
 
 
 def _load_raw_weights(run_dir: Path, model) -> None:
@@ -110,7 +127,7 @@ def load_run(run_dir: str | Path, use_ema: bool = True, device: str | torch.devi
         raise ValueError(f"{run_dir}: codec has c={codec.latent_channels}, K={codec.num_codewords} but config says "
                          f"c={c}, K={K}")
     want_in = 2 * c if cfg["self_condition"] else c
-    want_out = c if cfg["variant"] == "continuous" else c * K
+    want_out = run_parameterization(cfg).out_channels()
     if model.config.in_channels != want_in or model.config.out_channels != want_out:
         raise ValueError(f"{model_dir}: U-Net has {model.config.in_channels} -> {model.config.out_channels} channels, "
                          f"the {cfg['variant']} config (self_condition={cfg['self_condition']}) needs "

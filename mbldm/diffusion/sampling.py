@@ -161,7 +161,7 @@ def sample(
     eta: float = 0.0,
     seed: int = 0,
     batch_size: int = 16,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     refiner: str | Path | None = None,
     use_ema: bool = True,
     device: str | torch.device | None = None,
@@ -170,6 +170,7 @@ def sample(
     overwrite: bool = False,
     trajectory: Sequence[int] | bool | None = None,
     shard: tuple[int, int] | None = None,
+    estimate: str | None = None,
 ) -> dict:
     """Generate images from a training run, decode them with the run's codec and (optionally) write PNGs.
 
@@ -185,7 +186,10 @@ def sample(
         eta: DDIM eta >= 0 (0 for DDPM).
         seed: base seed; image i uses seed + i.
         batch_size: images per forward pass (does not change the images).
-        temperature: gamma of Eq. 25 (categorical runs only; 0 = argmax).
+        temperature: gamma of Eq. 25 (categorical runs only; 0 = argmax). None: the run's default
+            (:func:`sampling_defaults`).
+        estimate: categorical runs: "sample" (Eq. 25 at every step, Algorithm 2) or "mean" (the expected index at
+            intermediate steps, a sample at ``temperature`` at the last); None: the run's default.
         refiner: optional refiner directory (``mbldm refiner train``), applied after decoding (§4.2.2).
         use_ema: EMA weights (``RUN/model``, default) or the latest checkpoint's raw weights.
         device: torch device (default cuda if available, else cpu).
@@ -212,7 +216,7 @@ def sample(
     """
     from tqdm.auto import tqdm
 
-    from mbldm.diffusion.schedule import make_scheduler
+    from mbldm.diffusion.schedule import alphas_cumprod_from_betas, make_betas, make_scheduler
 
     idx = check_indices(num, indices)
     if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
@@ -227,18 +231,20 @@ def sample(
         trajectory = default_trajectory_t(T)
     elif trajectory is False:
         trajectory = None
-    if run.variant == "continuous" and temperature != 1.0:
-        raise ValueError("temperature (Eq. 25) applies to categorical runs only; "
-                         f"{run.run_dir} is a continuous run")
-    pred = "epsilon" if run.variant == "continuous" else "sample"
+    temperature, estimate = sampling_defaults(run, temperature, estimate)
+    param = run.parameterization
+    pred = "epsilon" if not param.categorical and param.prediction == "epsilon" else "sample"
     scheduler = make_scheduler(sampler, T=T, schedule=run.config["beta_schedule"], prediction_type=pred)
+    alphas_cumprod = alphas_cumprod_from_betas(make_betas(run.config["beta_schedule"], T))  # as in training
     ref = _load_refiner(refiner, dev)
     out = _open_out_dir(out_dir, overwrite, shard)
 
     generate = functools.partial(
         generate_latents, run.model, scheduler, latent_shape=_latent_shape(run), num_codewords=run.config[
             "num_codewords"], variant=run.variant, self_condition=bool(run.config["self_condition"]), steps=S,
-        eta=eta, temperature=temperature, tau=float(run.config.get("tau", 1.0)), progress=False)
+        eta=eta, temperature=temperature, tau=float(run.config.get("tau", 1.0)), progress=False,
+        parameterization=param, estimate=estimate, alphas_cumprod=alphas_cumprod,
+        self_condition_estimate=run.config["self_condition_estimate"])
     got = _Produced()
     start = time.time()
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
@@ -247,9 +253,34 @@ def sample(
     seconds = time.time() - start
 
     summary = _summary(run, run_dir, idx, got, sampler=sampler, steps=S, eta=eta, temperature=temperature,
+                       estimate=estimate,
                        seed=seed, use_ema=use_ema, refiner=refiner, num=num, batch_size=batch_size, device=dev,
                        seconds=seconds)
     return _result(summary, idx, got, out, shard, with_raw=ref is not None, with_trajectory=trajectory is not None)
+
+
+#: Sampling defaults of categorical runs by run format version: version 1 (the paper's head and loss) samples as
+#: Algorithm 2 (Eq. 25 at gamma = 1 at every step); version 2 runs use the expected index at intermediate steps
+#: and the mode at the last (measured best, BENCHMARKS.md "Generation recipe").
+CATEGORICAL_DEFAULTS = {1: {"temperature": 1.0, "estimate": "sample"},
+                        2: {"temperature": 0.0, "estimate": "mean"}}
+
+
+def sampling_defaults(run: RunModel, temperature: float | None, estimate: str | None) -> tuple[float, str]:
+    """The (temperature, estimate) a sampling call uses: the given values, else the run's defaults.
+
+    Raises:
+        ValueError: a temperature or estimate given for a continuous run (they apply to categorical runs only).
+    """
+    if run.variant == "continuous":
+        if temperature is not None or estimate is not None:
+            raise ValueError(f"{run.run_dir}: --temperature and --estimate apply to categorical runs only; this "
+                             "is a continuous run (drop them)")
+        return 1.0, "sample"
+    version = 2 if int(run.config.get("version", 1)) >= 2 else 1
+    defaults = CATEGORICAL_DEFAULTS[version]
+    return (defaults["temperature"] if temperature is None else float(temperature),
+            defaults["estimate"] if estimate is None else estimate)
 
 
 def _load_refiner(refiner: str | Path | None, device: torch.device):
@@ -334,8 +365,8 @@ def _write_batch(out: Path, chunk: list[int], imgs: np.ndarray, raw: np.ndarray 
 
 
 def _summary(run: RunModel, run_dir: str | Path, idx: list[int], got: _Produced, *, sampler: str, steps: int,
-             eta: float, temperature: float, seed: int, use_ema: bool, refiner: str | Path | None, num: int,
-             batch_size: int, device: torch.device, seconds: float) -> dict:
+             eta: float, temperature: float, estimate: str, seed: int, use_ema: bool, refiner: str | Path | None,
+             num: int, batch_size: int, device: torch.device, seconds: float) -> dict:
     """What ``samples.json`` holds."""
     h, w, c = _latent_shape(run)
     H, W = h * run.codec.patch_size, w * run.codec.patch_size
@@ -348,6 +379,7 @@ def _summary(run: RunModel, run_dir: str | Path, idx: list[int], got: _Produced,
         "timesteps": int(run.config["timesteps"]),
         "eta": float(eta) if sampler == "ddim" else None,
         "temperature": float(temperature) if run.variant == "categorical" else None,
+        "estimate": estimate if run.variant == "categorical" else None,
         "seed": int(seed),
         "seed_rule": "image i uses torch.Generator('cpu').manual_seed(seed + i)",
         "use_ema": bool(use_ema),

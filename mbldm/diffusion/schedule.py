@@ -18,6 +18,7 @@ configuration choices and for how per-image seeds work.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -217,30 +218,49 @@ def eps_from_x0(x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor, alph
 # ----------------------------------------------------------------------------------------------------------------
 # Index space <-> unit space (§3.2, §4.2.2)
 # ----------------------------------------------------------------------------------------------------------------
-def indices_to_unit(z: torch.Tensor, K: int) -> torch.Tensor:
+CodebookSizes = "int | Sequence[int] | torch.Tensor"
+
+
+def _sizes(K, z: torch.Tensor, name: str) -> torch.Tensor | int:
+    """K as an int, or per-channel sizes (c,) as a float tensor shaped (1, c, 1, ..., 1) to broadcast against
+    ``z`` (B, c, ...)."""
+    if isinstance(K, (int,)) and not isinstance(K, bool):
+        if K < 2:
+            raise ValueError(f"{name}: K must be >= 2, got {K}")
+        return K
+    k = torch.as_tensor(K, dtype=torch.float32, device=z.device).reshape(-1)
+    if z.ndim < 2 or k.numel() != z.shape[1]:
+        raise ValueError(f"{name}: {k.numel()} codebook sizes for a tensor with channels at dim 1 of shape "
+                         f"{tuple(z.shape)}")
+    if bool((k < 2).any()):
+        raise ValueError(f"{name}: every K must be >= 2, got {k.long().tolist()}")
+    return k.view(1, -1, *([1] * (z.ndim - 2)))
+
+
+def indices_to_unit(z: torch.Tensor, K) -> torch.Tensor:
     """Map codebook indices to the diffusion space [-1, 1]: unit(k) = 2 k / (K - 1) - 1.
 
     Index 0 -> -1, index K-1 -> +1, neighbouring indices are 2/(K-1) apart; after the §3.2.1 PCA ordering,
     neighbouring indices are similar codewords, which is what makes Gaussian noise on this value meaningful.
 
     Args:
-        z: integer tensor (B, c, h, w) (uint8 / uint16 / int64 ...), values in [0, K-1].
-        K: codebook size (>= 2).
+        z: integer tensor (B, c, h, w) (uint8 / uint16 / int64 ...), values in [0, K_j - 1].
+        K: one codebook size (>= 2) for every channel, or the (c,) sizes K_j of each latent channel (a sequence
+            or tensor; ``Codec.codebook_sizes``), so that a 16-entry chroma codebook spans [-1, 1] as well.
 
     Returns:
         float32 tensor of the same shape, values in [-1, 1].
 
     Raises:
-        ValueError: K < 2 or a floating-point ``z``.
+        ValueError: K < 2, a size list that does not match dim 1, or a floating-point ``z``.
     """
-    if K < 2:
-        raise ValueError(f"indices_to_unit: K must be >= 2, got {K}")
+    k = _sizes(K, z, "indices_to_unit")
     if z.is_floating_point() or z.is_complex():
         raise ValueError(f"indices_to_unit expects integer indices, got dtype {z.dtype}")
-    return z.to(torch.float32) * (2.0 / (K - 1)) - 1.0
+    return z.to(torch.float32) * (2.0 / (k - 1)) - 1.0
 
 
-def unit_to_indices(x: torch.Tensor, K: int) -> torch.Tensor:
+def unit_to_indices(x: torch.Tensor, K) -> torch.Tensor:
     """Inverse of ``indices_to_unit``: k = round((x + 1) / 2 * (K - 1)), clamped to [0, K-1].
 
     Rounding is torch.round (half to even); values outside [-1, 1] (a sampler's output need not be clipped) map to
@@ -248,15 +268,16 @@ def unit_to_indices(x: torch.Tensor, K: int) -> torch.Tensor:
 
     Args:
         x: float tensor (B, c, h, w), nominally in [-1, 1].
-        K: codebook size (>= 2).
+        K: one codebook size (>= 2) or the (c,) per-channel sizes, as in ``indices_to_unit``.
 
     Returns:
-        int64 (LongTensor) indices of the same shape in [0, K-1].
+        int64 (LongTensor) indices of the same shape in [0, K_j - 1].
     """
-    if K < 2:
-        raise ValueError(f"unit_to_indices: K must be >= 2, got {K}")
-    k = torch.round((x.to(torch.float32) + 1.0) * (0.5 * (K - 1)))
-    return k.clamp_(0, K - 1).long()
+    k = _sizes(K, x, "unit_to_indices")
+    idx = torch.round((x.to(torch.float32) + 1.0) * (0.5 * (k - 1)))
+    if isinstance(k, int):
+        return idx.clamp_(0, k - 1).long()
+    return torch.minimum(idx.clamp_(min=0), k - 1).long()
 
 
 # ----------------------------------------------------------------------------------------------------------------

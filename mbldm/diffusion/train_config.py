@@ -26,20 +26,33 @@ __all__ = [
     "read_run_config",
     "check_shape_fields",
     "check_resumed_run",
+    "with_version1_values",
+    "VERSION1_VALUES",
 ]
 
 VARIANTS = ("continuous", "categorical")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+PREDICTIONS = ("epsilon", "x0", "v")
+HEADS = ("logits", "logistic")
+PRECONDITIONS = ("none", "edm")
+SOFT_SAMPLES = ("gumbel", "straight-through", "softmax")
+SELF_CONDITION_ESTIMATES = ("mean", "gumbel")
 # Fields that define the model (its shapes or the meaning of its inputs): a resumed run must keep them.
-SHAPE_FIELDS = ("variant", "preset", "self_condition", "timesteps", "beta_schedule")
+SHAPE_FIELDS = ("variant", "preset", "self_condition", "timesteps", "beta_schedule", "prediction", "head",
+                "mixtures", "precondition", "sigma_data", "self_condition_estimate")
 # Fields that describe one invocation: never inherited from a run's saved config.json.
-INVOCATION_FIELDS = ("resume", "config", "max_minutes", "progress")
+INVOCATION_FIELDS = ("resume", "config", "max_minutes", "max_cpu_minutes", "progress")
+# Values of the fields added in run format version 2 that reproduce what a version-1 run (written before they
+# existed) did: the paper's parameterisation and objective. A saved config.json missing them gets these.
+VERSION1_VALUES = {"prediction": "epsilon", "head": "logits", "mixtures": 10, "precondition": "none",
+                   "sigma_data": 0.5, "nll_weight": 0.0, "eq24_weight": 1.0, "soft_sample": "gumbel",
+                   "self_condition_estimate": "gumbel"}
 # Keys written to RUN/config.json besides the TrainConfig fields (computed from the store and the model).
-DERIVED_FIELDS = ("latent_shape", "num_codewords", "codec_spec", "resolution", "in_channels", "out_channels",
-                  "num_parameters", "mixed_precision_resolved", "num_processes", "format", "version")
+DERIVED_FIELDS = ("latent_shape", "num_codewords", "codebook_sizes", "codec_spec", "resolution", "in_channels",
+                  "out_channels", "num_parameters", "mixed_precision_resolved", "num_processes", "format", "version")
 RUN_FORMAT = "mbldm-train-run"
-RUN_VERSION = 1
+RUN_VERSION = 2
 
 
 @dataclass
@@ -77,11 +90,21 @@ class TrainConfig:
     mixed_precision: str = "auto"
     tau: float = 1.0
     min_snr_gamma: float | None = 5.0
+    prediction: str = "epsilon"
+    head: str = "logistic"
+    mixtures: int = 10
+    precondition: str = "none"
+    sigma_data: float = 0.5
+    nll_weight: float = 1.0
+    eq24_weight: float = 0.0
+    soft_sample: str = "gumbel"
+    self_condition_estimate: str = "mean"
     self_condition: bool = True
     timesteps: int = 1000
     beta_schedule: str = "linear"
     seed: int = 0
     max_minutes: float | None = None
+    max_cpu_minutes: float | None = None
     num_workers: int = 0
     resume: str | None = None
     config: str | None = None
@@ -128,6 +151,25 @@ class TrainConfig:
              f"--min-snr-gamma must be > 0, got {self.min_snr_gamma}"),
             (self.timesteps >= 2, f"--timesteps must be >= 2, got {self.timesteps}"),
             (self.max_minutes is None or self.max_minutes > 0, f"--max-minutes must be > 0, got {self.max_minutes}"),
+            (self.max_cpu_minutes is None or self.max_cpu_minutes > 0,
+             f"--max-cpu-minutes must be > 0, got {self.max_cpu_minutes}"),
+            (self.prediction in PREDICTIONS, f"--prediction must be one of {PREDICTIONS}, got {self.prediction!r}"),
+            (self.head in HEADS, f"--head must be one of {HEADS}, got {self.head!r}"),
+            (isinstance(self.mixtures, int) and self.mixtures >= 1,
+             f"--mixtures must be an integer >= 1, got {self.mixtures!r}"),
+            (self.precondition in PRECONDITIONS,
+             f"--precondition must be one of {PRECONDITIONS}, got {self.precondition!r}"),
+            (self.sigma_data > 0, f"--sigma-data must be > 0, got {self.sigma_data}"),
+            (self.nll_weight >= 0 and self.eq24_weight >= 0 and self.nll_weight + self.eq24_weight > 0,
+             f"--nll-weight and --eq24-weight must be >= 0 and not both 0, got {self.nll_weight}, "
+             f"{self.eq24_weight}"),
+            (self.soft_sample in SOFT_SAMPLES, f"--soft-sample must be one of {SOFT_SAMPLES}, got {self.soft_sample!r}"),
+            (self.self_condition_estimate in SELF_CONDITION_ESTIMATES,
+             f"--self-condition-estimate must be one of {SELF_CONDITION_ESTIMATES}, got "
+             f"{self.self_condition_estimate!r}"),
+            (not (self.variant == "continuous" and self.precondition == "edm" and self.prediction != "x0"),
+             "--precondition edm of the continuous variant needs --prediction x0 (EDM's F gives z_0); use "
+             "--precondition none with epsilon or v"),
             (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
         ]
         for ok, msg in checks:
@@ -156,8 +198,15 @@ def _read_json_file(file: Path) -> Any:
         raise ValueError(f"{file}: not valid JSON ({exc})") from None
 
 
+def with_version1_values(cfg: dict) -> dict:
+    """A saved run config with the fields it predates filled in (``VERSION1_VALUES``): on load, the artifact's own
+    settings win, and settings it never had mean what the code did when it was written."""
+    return {**VERSION1_VALUES, **cfg}
+
+
 def read_run_config(run: str | os.PathLike) -> dict:
-    """The raw dict of ``RUN/config.json`` (TrainConfig fields + derived fields).
+    """The dict of ``RUN/config.json`` (TrainConfig fields + derived fields), fields added after the run was written
+    filled with their version-1 values (:func:`with_version1_values`).
 
     Raises:
         FileNotFoundError: no config.json.  ValueError: invalid JSON or not a training run's config.
@@ -165,7 +214,7 @@ def read_run_config(run: str | os.PathLike) -> dict:
     file = Path(run) / "config.json"
     raw = _read_json_file(file)
     _config_values(raw, file)
-    return raw
+    return with_version1_values(raw)
 
 
 def check_shape_fields(given: dict, saved: dict, run_file: Path, source: str) -> None:

@@ -105,15 +105,31 @@ def _make_accelerator(config: TrainConfig):
     return accelerator, mixed_precision
 
 
+def _codebook_sizes(store: Any) -> tuple[int, ...]:
+    """K_j of every latent channel of the store's codec (its spec string), (c,)."""
+    from mbldm.codec.spec import parse_spec
+
+    h, w, c = store.latent_shape
+    try:
+        sizes = parse_spec(store.spec).codebook_sizes
+    except ValueError:  # a synthetic store (dry run) with no real spec: every channel has K
+        sizes = (int(store.num_codewords),) * c
+    return sizes if len(sizes) == c else (int(store.num_codewords),) * c
+
+
 def _derived_fields(config: TrainConfig, store: Any, mixed_precision: str, n_proc: int) -> dict:
     """The RUN/config.json keys computed from the store and the variant (``num_parameters`` is added later)."""
+    from mbldm.diffusion.parameterization import parameterization_of
+
     h, w, c = store.latent_shape
     K = store.num_codewords
+    sizes = _codebook_sizes(store)
     in_channels = 2 * c if config.self_condition else c
-    out_channels = c * K if config.variant == "categorical" else c
+    out_channels = parameterization_of(config.to_dict(), sizes).out_channels()
     return {"format": RUN_FORMAT, "version": RUN_VERSION, "latent_shape": [h, w, c], "num_codewords": K,
-            "codec_spec": store.spec, "resolution": store.resolution, "in_channels": in_channels,
-            "out_channels": out_channels, "mixed_precision_resolved": mixed_precision, "num_processes": n_proc}
+            "codebook_sizes": list(sizes), "codec_spec": store.spec, "resolution": store.resolution,
+            "in_channels": in_channels, "out_channels": out_channels, "mixed_precision_resolved": mixed_precision,
+            "num_processes": n_proc}
 
 
 def _build_model(config: TrainConfig, derived: dict):
@@ -192,49 +208,63 @@ def _save(config: TrainConfig, run: Path, step: int, trainee: _Trainee, accelera
 
 @dataclass
 class _Objective:
-    """The variant's maths of one step: the self-conditioning estimate and the loss (Eq. 4 or Eq. 24)."""
+    """The variant's maths of one step: the self-conditioning estimate and the loss (Eq. 4 / its x0, v, EDM
+    forms; the categorical NLL and / or Eq. 24), through the run's :class:`Parameterization`."""
 
-    categorical: bool
-    c: int
-    K: int
-    tau: float
-    min_snr_gamma: float | None
+    config: TrainConfig
+    param: Any  # mbldm.diffusion.parameterization.Parameterization
     alphas_cumprod: Any  # (T,) float64 on the device: exact SNR near t = 0
-    codec: Any  # the run's Codec on the device (categorical only)
+    codec: Any  # the run's Codec on the device (categorical with Eq. 24 only)
+
+    @property
+    def needs_gumbel(self) -> bool:
+        """Whether a step draws Gumbel noise (Eq. 24's Eq. 20 weights, or the paper-style self-conditioning)."""
+        return self.param.categorical and (self.config.eq24_weight > 0
+                                           or self.config.self_condition_estimate == "gumbel")
 
     def x0_estimate(self, out, z_t, t, gen):
-        """Self-conditioning estimate from a model output: continuous x0 = x0_from_eps, clamped to [-1, 1];
-        categorical z0_hat = expected index under Gumbel-softmax weights (as in the loss)."""
-        from mbldm.diffusion import categorical, schedule
+        """Self-conditioning estimate in [-1, 1], (b, c, h, w): continuous x0 clamped; categorical: the mean
+        index under the predicted distribution, or (``self_condition_estimate="gumbel"``, the version-1 runs) the
+        expected index under Gumbel-softmax weights (Eq. 20)."""
+        from mbldm.diffusion import categorical
 
-        if self.categorical:
-            logits = categorical.logits_from_model_output(out, self.c, self.K)  # (b, c, K, h, w)
-            weights = categorical.gumbel_softmax(logits, self.tau, generator=gen)
-            return categorical.expected_index_unit(weights, self.K)
-        return schedule.x0_from_eps(z_t, t, out, self.alphas_cumprod).clamp(-1.0, 1.0)  # (b, c, h, w)
+        if self.param.categorical and self.config.self_condition_estimate == "gumbel":
+            dist = self.param.distribution(out, z_t, t, self.alphas_cumprod)
+            weights = categorical.gumbel_softmax(dist.logits(self.param.K), self.config.tau, generator=gen)
+            return categorical.expected_unit(weights, self.param.sizes)
+        return self.param.estimate(out, z_t, t, self.alphas_cumprod)
 
-    def loss(self, out, z0, z_t, noise, t, gen):
-        """(LossResult, per-image img part, per-image eps part); the parts are zeros for the continuous variant."""
+    def loss(self, out, z0, x0, z_t, noise, t, gen):
+        """(LossOutput, per-image (img, eps, nll) parts); the parts are zeros for the continuous variant."""
         import torch
 
-        from mbldm.diffusion import categorical, losses
+        from mbldm.diffusion import losses
 
-        if not self.categorical:
-            result = losses.continuous_loss(out, noise, t, self.alphas_cumprod, min_snr_gamma=self.min_snr_gamma)
-            img = eps = torch.zeros_like(result.per_sample)
-            return result, img, eps
-        logits = categorical.logits_from_model_output(out, self.c, self.K)  # (b, c, K, h, w)
-        with torch.no_grad():
-            x0_image = self.codec.decode_torch(z0)  # (b, 3, H, W) in [0, 255], target of Eq. 24
-        result = losses.categorical_loss(logits, x0_image, z_t, noise, t, self.alphas_cumprod, self.codec.decode_soft,
-                                         tau=self.tau, min_snr_gamma=self.min_snr_gamma, generator=gen)
-        return result, result.parts["img"].detach(), result.parts["eps"].detach()
+        cfg = self.config
+        if not self.param.categorical:
+            target = self.param.regression_target(x0, noise, z_t, t, self.alphas_cumprod)
+            objective = "edm" if cfg.precondition == "edm" else cfg.prediction
+            result = losses.continuous_loss(out, target, t, self.alphas_cumprod, min_snr_gamma=cfg.min_snr_gamma,
+                                            objective=objective)
+            zeros = torch.zeros_like(result.per_sample)
+            return result, (zeros, zeros, zeros)
+        dist = self.param.distribution(out, z_t, t, self.alphas_cumprod)
+        x0_image = None
+        if cfg.eq24_weight > 0:
+            with torch.no_grad():
+                x0_image = self.codec.decode_torch(z0)  # (b, 3, H, W) in [0, 255], target of Eq. 24
+        result = losses.categorical_objective(
+            dist, z0, x0_image, z_t, noise, t, self.alphas_cumprod,
+            self.codec.decode_soft if self.codec is not None else None, nll_weight=cfg.nll_weight,
+            eq24_weight=cfg.eq24_weight, tau=cfg.tau, min_snr_gamma=cfg.min_snr_gamma, soft_sample=cfg.soft_sample,
+            sizes=self.param.sizes, generator=gen)
+        return result, tuple(result.parts[k].detach() for k in ("img", "eps", "nll"))
 
 
 def _forward(model, z_t, t, objective: _Objective, self_condition: bool, first_pass: bool, gen):
-    """The model output (b, c, h, w) or (b, c*K, h, w). With ``self_condition`` the input is cat([z_t, cond]):
-    cond is zeros, or with ``first_pass`` (half of the steps) the detached estimate of a first no-grad pass;
-    without it the input is z_t."""
+    """The model output (b, c, h, w), (b, c*K, h, w) or (b, c*3L, h, w). With ``self_condition`` the input is
+    cat([z_t, cond]): cond is zeros, or with ``first_pass`` (half of the steps) the detached estimate of a first
+    no-grad pass; without it the input is z_t."""
     import torch
 
     from mbldm.diffusion import schedule
@@ -250,13 +280,29 @@ def _forward(model, z_t, t, objective: _Objective, self_condition: bool, first_p
     return model(schedule.self_condition_input(z_t, cond), t).sample.float()  # input (b, 2c, h, w)
 
 
-def _gather(accelerator, result, t, img, eps, over_time: bool):
-    """One gather per step: per-image [loss, t, img, eps, over-time flag] of every process, (B, 5) on the CPU."""
+def _over_budget(config: TrainConfig, t_start: float, cpu_start: float) -> bool:
+    """Whether this invocation has used its wall-clock (``max_minutes``) or CPU-time (``max_cpu_minutes``: this
+    process's user + system time, all its threads) budget."""
+    if config.max_minutes is not None and time.monotonic() - t_start > 60 * config.max_minutes:
+        return True
+    return config.max_cpu_minutes is not None and time.process_time() - cpu_start > 60 * config.max_cpu_minutes
+
+
+def _budget_text(config: TrainConfig) -> str:
+    parts = [f"--max-minutes {config.max_minutes}" if config.max_minutes is not None else None,
+             f"--max-cpu-minutes {config.max_cpu_minutes}" if config.max_cpu_minutes is not None else None]
+    return " / ".join(p for p in parts if p)
+
+
+def _gather(accelerator, result, t, parts, over_time: bool):
+    """One gather per step: per-image [loss, t, img, eps, nll, over-time flag] of every process, (B, 6) on the
+    CPU."""
     import torch
 
-    row = torch.stack([result.per_sample.detach(), t.float(), img, eps,
-                       torch.full_like(img, float(over_time))], dim=1)  # (b, 5)
-    return accelerator.gather(row).float().cpu()  # (B, 5)
+    img, eps, nll = parts
+    row = torch.stack([result.per_sample.detach(), t.float(), img, eps, nll,
+                       torch.full_like(img, float(over_time))], dim=1)  # (b, 6)
+    return accelerator.gather(row).float().cpu()  # (B, 6)
 
 
 def _check_finite_loss(gathered, step: int, ckpt_root: Path) -> None:
@@ -298,7 +344,7 @@ class _MetricsLog:
 
     def add(self, gathered, done: int, lr_scheduler) -> None:
         """Record step ``done``'s rows; at a log step write metrics.jsonl (main process) and the bar's postfix."""
-        self.stats.append(gathered[:, :4])
+        self.stats.append(gathered[:, :5])
         self.pbar.update(1)
         if not (done % self.config.log_every == 0 or done == self.config.steps):
             return
@@ -348,8 +394,9 @@ def train(config: TrainConfig, *, store: Any = None, on_step: Any = None) -> Pat
     from mbldm.data.latent_store import LatentStore
     from mbldm.diffusion import checkpoint as ckpt
     from mbldm.diffusion import schedule
+    from mbldm.diffusion.parameterization import parameterization_of
 
-    t_start = time.monotonic()
+    t_start, cpu_start = time.monotonic(), time.process_time()
     config = config.validate()
     run = Path(config.out)
     ckpt_root = run / "checkpoints"
@@ -366,9 +413,10 @@ def train(config: TrainConfig, *, store: Any = None, on_step: Any = None) -> Pat
     # ---- data: latent store, codec, run directory; model, EMA, optimiser, LR schedule ------------------------
     store = LatentStore(config.latents) if store is None else store
     h, w, c = store.latent_shape
-    K = store.num_codewords
-    codec = Codec.load(store.codec_dir).to(device) if is_categorical else None
     derived = _derived_fields(config, store, mixed_precision, n_proc)
+    sizes = tuple(derived["codebook_sizes"])  # K_j of each latent channel
+    param = parameterization_of(config.to_dict(), sizes)
+    codec = Codec.load(store.codec_dir).to(device) if is_categorical and config.eq24_weight > 0 else None
     check_resumed_run(config, run, derived)  # resuming: the model's shape must not change
     model, ema = _build_model(config, derived)
     accelerator.wait_for_everyone()  # every process has read the run directory before the main one writes it
@@ -380,7 +428,7 @@ def train(config: TrainConfig, *, store: Any = None, on_step: Any = None) -> Pat
     betas = schedule.make_betas(config.beta_schedule, config.timesteps)
     alphas_cumprod = schedule.alphas_cumprod_from_betas(betas).to(device)  # (T,) float64: exact SNR near t = 0
     T = config.timesteps
-    objective = _Objective(is_categorical, c, K, config.tau, config.min_snr_gamma, alphas_cumprod, codec)
+    objective = _Objective(config, param, alphas_cumprod, codec)
 
     # ---- batch loading (optionally prefetched by threads: the batch depends only on the step) ---------------
     my_positions = range(rank * local_bs, (rank + 1) * local_bs)
@@ -395,21 +443,21 @@ def train(config: TrainConfig, *, store: Any = None, on_step: Any = None) -> Pat
         trainee.model.train()
         for step in range(start_step, config.steps):
             torch.manual_seed(step_seed(config.seed, step, "global", rank))  # dropout etc.: f(seed, step, rank)
-            gumbel_gen = gumbel_generators(config.seed, step, my_positions, device) if is_categorical else None
+            gumbel_gen = gumbel_generators(config.seed, step, my_positions, device) if objective.needs_gumbel else None
             z0 = torch.from_numpy(batches.get(step).astype(np.int64)).permute(0, 3, 1, 2).to(device)  # (b, c, h, w)
             t, noise = noise_and_timesteps(config.seed, step, my_positions, (c, h, w), T)
             t, noise = t.to(device), noise.to(device)  # (b,), (b, c, h, w)
-            x0 = schedule.indices_to_unit(z0, K).float()  # (b, c, h, w) in [-1, 1]
+            x0 = schedule.indices_to_unit(z0, sizes).float()  # (b, c, h, w) in [-1, 1], per-channel K_j
             z_t = schedule.q_sample(x0, t, noise, alphas_cumprod).float()  # (b, c, h, w)
 
             # self-conditioning: zeros, or (half of the steps) the detached estimate of a first no-grad pass
             first_pass = config.self_condition and use_self_condition(config.seed, step)
             out = _forward(trainee.model, z_t, t, objective, config.self_condition, first_pass, gumbel_gen)
-            result, img, eps = objective.loss(out, z0, z_t, noise, t, gumbel_gen)
+            result, parts = objective.loss(out, z0, x0, z_t, noise, t, gumbel_gen)
             accelerator.backward(result.loss)
 
-            over_time = config.max_minutes is not None and time.monotonic() - t_start > 60 * config.max_minutes
-            gathered = _gather(accelerator, result, t, img, eps, over_time)  # (B, 5)
+            over_time = _over_budget(config, t_start, cpu_start)
+            gathered = _gather(accelerator, result, t, parts, over_time)  # (B, 6)
             _check_finite_loss(gathered, step, ckpt_root)
             _optimizer_step(accelerator, trainee, config.grad_clip, step)
             done = step + 1
@@ -421,10 +469,9 @@ def train(config: TrainConfig, *, store: Any = None, on_step: Any = None) -> Pat
                 last_saved = done
             if on_step is not None:
                 on_step(done)
-            if bool(gathered[:, 4].any()):
+            if bool(gathered[:, 5].any()):
                 if is_main:
-                    print(f"\nmbldm train: --max-minutes {config.max_minutes} reached at step {done}; stopping",
-                          file=sys.stderr)
+                    print(f"\nmbldm train: {_budget_text(config)} reached at step {done}; stopping", file=sys.stderr)
                 break
     finally:
         pbar.close()

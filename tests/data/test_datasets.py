@@ -211,3 +211,25 @@ def test_lmdb_rejects_non_lmdb(tmp_path):
     f.write_text("x")
     with pytest.raises(ValueError, match="not an LMDB"):
         LMDBImageDataset(f, 8)
+
+
+def test_mirrored_dataset_appends_flipped_images_with_marked_sources():
+    from mbldm.data.datasets import MirroredDataset
+
+    class Two:
+        def __len__(self):
+            return 2
+
+        def source(self, i):
+            return f"img{i}.png"
+
+        def __getitem__(self, i):
+            img = np.zeros((2, 3, 3), np.uint8)
+            img[:, 0] = 10 * (i + 1)  # the left column marks the image
+            return img, self.source(i)
+
+    m = MirroredDataset(Two())
+    assert len(m) == 4 and [m.source(i) for i in range(4)] == ["img0.png", "img1.png", "img0.png#hflip",
+                                                                 "img1.png#hflip"]
+    img, src = m[3]
+    assert src == "img1.png#hflip" and img[0, 2, 0] == 20 and img[0, 0, 0] == 0  # the column moved right

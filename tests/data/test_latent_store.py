@@ -220,3 +220,24 @@ def test_cli_build_and_info(setup, reference, tmp_path, capsys):
     assert "complete latent store already exists" in capsys.readouterr().err
     assert main(["latents", "info", str(out)]) == 0
     assert capsys.readouterr().out.strip() == line
+
+
+def test_hflip_store_holds_the_encoded_mirror_images(setup, tmp_path):
+    """--hflip: entries N..2N-1 are codec.encode of the left-right mirrored images (not a flip of the latents)."""
+    codec_dir, data, expected = setup
+    from mbldm.codec import Codec
+
+    codec = Codec.load(codec_dir)
+    out = _build(setup, tmp_path / "flip", hflip=True)
+    store = LatentStore(out)
+    cfg = read_store_config(out)
+    assert len(store) == 2 * N and cfg["hflip"] is True and cfg["count"] == 2 * N
+    sources = store.sources
+    assert sources[N:] == [s + "#hflip" for s in sources[:N]]
+    for i in (0, 3, N - 1):
+        rel = sources[i]
+        assert np.array_equal(store[i], expected[rel])
+        img = resize_center_crop(np.asarray(Image.open(data / rel).convert("RGB")), R)
+        assert np.array_equal(store[N + i], codec.encode(np.ascontiguousarray(img[:, ::-1])))
+    assert not np.array_equal(store[N], store[0][:, ::-1])  # mirroring changes the codewords, not just the order
+    assert "and their mirrors" in ls.store_summary(out)

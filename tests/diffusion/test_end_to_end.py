@@ -112,7 +112,8 @@ def test_train_resume_and_sample_through_the_cli(store, tmp_path, variant, capsy
     cfg = json.loads((run / "config.json").read_text())
     c, K = 3, 16
     assert cfg["variant"] == variant and cfg["steps"] == 6 and cfg["latent_shape"] == [R // S, R // S, c]
-    assert cfg["out_channels"] == (c * K if variant == "categorical" else c)
+    # the default categorical head is the logistic mixture over the ordered codebook: 3 numbers per component
+    assert cfg["out_channels"] == (c * 3 * cfg["mixtures"] if variant == "categorical" else c)
     rows = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6] and all(np.isfinite(r["loss"]) for r in rows)
 

@@ -25,6 +25,7 @@ from mbldm.diffusion import models
 from mbldm.diffusion.batch_stream import step_seed
 from mbldm.diffusion.models import build_unet
 from mbldm.diffusion.reverse_process import generate_latents
+from mbldm.diffusion.train_config import VERSION1_VALUES
 from mbldm.diffusion.schedule import make_scheduler
 from mbldm.diffusion.train_config import TrainConfig
 from mbldm.diffusion.training import train
@@ -196,7 +197,8 @@ def test_training_continuous_self_condition_is_the_clipped_x0_estimate(store, tm
 
 def test_training_categorical_self_condition_is_the_expected_index(store, tmp_path, monkeypatch):
     steps, tau = 6, 2.2  # tau != 1 so that using the run's tau is checked
-    calls = _train_recorded(store, tmp_path / "run", monkeypatch, variant="categorical", steps=steps, tau=tau)
+    calls = _train_recorded(store, tmp_path / "run", monkeypatch, variant="categorical", steps=steps, tau=tau,
+                            **VERSION1_VALUES)  # the paper's head, as version-1 runs
     for n, step in enumerate(_steps_of(calls, steps)):
         if len(step) == 1:
             assert torch.count_nonzero(step[0]["x"][:, C:]) == 0

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from mbldm.cli import main
 from mbldm.diffusion import losses, training
 from mbldm.diffusion.batch_stream import global_batch_indices
-from mbldm.diffusion.train_config import TrainConfig, resolve_config
+from mbldm.diffusion.train_config import VERSION1_VALUES, TrainConfig, resolve_config
 from mbldm.diffusion.training import train
 
 FACES = Path(os.environ.get("MBLDM_TEST_DATA")  # real images: ../shared/data by default
@@ -151,7 +151,8 @@ def test_max_minutes_stops_with_checkpoint_and_export(store, tmp_path):
 
 
 def test_categorical_trains_saves_and_resumes(store, tmp_path):
-    cfg = dict(variant="categorical", steps=4, checkpoint_every=2, log_every=2, tau=1.0)
+    # the paper's head and objective (free logits, Eq. 24 only), as every version-1 run was trained
+    cfg = dict(variant="categorical", steps=4, checkpoint_every=2, log_every=2, tau=1.0, **VERSION1_VALUES)
     straight = train(_config(store, tmp_path / "a", **cfg))
     resumed = tmp_path / "b"
     train(_config(store, resumed, **{**cfg, "steps": 2}))
@@ -164,6 +165,23 @@ def test_categorical_trains_saves_and_resumes(store, tmp_path):
     cfg_json = json.loads((resumed / "config.json").read_text())
     assert cfg_json["variant"] == "categorical" and cfg_json["out_channels"] == 3 * 16
     assert json.loads((resumed / "model" / "config.json").read_text())["out_channels"] == 48
+
+
+def test_categorical_logistic_head_default_trains_and_resumes(store, tmp_path):
+    """The default categorical run: logistic-mixture head (c * 3L outputs), NLL only, no preconditioning."""
+    cfg = dict(variant="categorical", steps=4, checkpoint_every=2, log_every=2)
+    straight = train(_config(store, tmp_path / "a", **cfg))
+    resumed = tmp_path / "b"
+    train(_config(store, resumed, **{**cfg, "steps": 2}))
+    train(_config(store, resumed, **{**cfg, "resume": "latest"}))
+    _assert_same_checkpoint(straight / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
+    rows = [json.loads(s) for s in (resumed / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["loss_nll"], rel=1e-5) and r["loss_img"] == r["loss_eps"] == 0
+        assert 0 < r["loss_nll"] < np.log(16) + 1  # nats per index of a 16-entry codebook, near uniform at first
+    cfg_json = json.loads((resumed / "config.json").read_text())
+    assert cfg_json["head"] == "logistic" and cfg_json["precondition"] == "none" and cfg_json["version"] == 2
+    assert cfg_json["out_channels"] == 3 * 3 * cfg_json["mixtures"] and cfg_json["codebook_sizes"] == [16] * 3
 
 
 def test_existing_run_needs_resume_and_shape_fields_cannot_change(store, straight_run, tmp_path):
