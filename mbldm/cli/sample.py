@@ -28,7 +28,7 @@ def run_sample(args: argparse.Namespace) -> int:
     # one process: sample(); under `accelerate launch` / torchrun: each process samples its block of the N indices
     result = sample_sharded(args.run, args.num, out_dir=args.out, sampler=args.sampler, steps=args.steps,
                             eta=args.eta, seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                            estimate=args.estimate, refiner=args.refiner, use_ema=not args.no_ema, device=args.device,
+                            estimate=args.estimate, spacing=args.spacing, decode=args.decode, refiner=args.refiner, use_ema=not args.no_ema, device=args.device,
                             progress=not args.quiet, overwrite=args.overwrite, trajectory=args.trajectory)
     if result is None:  # not the main process of a multi-process job: process 0 reports
         return 0
@@ -61,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="categorical runs: the z0 each intermediate step starts from: sample (Eq. 25, Algorithm 2) "
                    "or mean (the expected index); the last step always samples at GAMMA (default: mean for "
                    "version-2 runs, sample for version 1)")
+    p.add_argument("--spacing", choices=("trailing", "quadratic"), default=None,
+                   help="DDIM timesteps: trailing (evenly spaced from T-1) or quadratic (dense at small t, ending at "
+                   "t = 0) (default: quadratic for categorical runs of format version 2, else trailing)")
+    p.add_argument("--decode", choices=("hard", "soft"), default=None,
+                   help="categorical runs: hard (look up the sampled indices) or soft (the expected image under the "
+                   "last step's distribution, Eq. 21 with its probabilities) (default: hard)")
     p.add_argument("--refiner", default=None, metavar="R",
                    help="refiner directory (mbldm refiner train) applied after decoding; raw decodes go to DIR/raw")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per forward pass (default 16)")

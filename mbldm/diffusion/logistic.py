@@ -128,9 +128,13 @@ class LogisticMixture:
     def logits(self, K_max: int) -> torch.Tensor:
         """log P(k) for every index k < K_max: (B, c, K_max, h, w) float32; indices k >= K_j get -1e4.
 
-        This makes the (B, c, L, K, h, w) tensor that the head otherwise avoids: it is for the paper's Eq. 24 terms
-        (``--eq24-weight``) and for tests, not for sampling.
+        This makes the (B, c, L, K, h, w) intermediate that the head otherwise avoids, one channel at a time: it is
+        for the paper's Eq. 24 terms (``--eq24-weight``), the soft decode of a final sample and tests.
         """
+        if self.mu.shape[1] > 1:  # one latent channel at a time bounds the L*K-sized intermediate's memory
+            parts = [LogisticMixture(self.logit_pi[:, j:j + 1], self.mu[:, j:j + 1], self.log_s[:, j:j + 1],
+                                     self.sizes[:, j:j + 1]).logits(K_max) for j in range(self.mu.shape[1])]
+            return torch.cat(parts, dim=1)
         k = torch.arange(K_max, device=self.mu.device, dtype=torch.float32).view(1, 1, 1, K_max, 1, 1)
         sizes = self.sizes.unsqueeze(3)  # (1, c, 1, 1, 1, 1)
         log_p = self._log_bin(k, self.mu.unsqueeze(3), self.log_s.unsqueeze(3), sizes)  # (B, c, L, K, h, w)

@@ -46,6 +46,7 @@ __all__ = [
     "default_trajectory_t",
     "generate_latents",
     "ESTIMATES",
+    "FinalDistribution",
 ]
 
 SAMPLERS = ("ddpm", "ddim")
@@ -142,6 +143,7 @@ def generate_latents(
     estimate: str = "sample",
     self_condition_estimate: str = "gumbel",
     alphas_cumprod: torch.Tensor | None = None,
+    final: FinalDistribution | None = None,
 ) -> torch.Tensor:
     """Run the reverse process for one batch in memory and return integer latents (no decoding, no I/O).
 
@@ -174,6 +176,8 @@ def generate_latents(
             weights at ``tau``, the version-1 runs) or "mean" (expected index, no noise); as the run was trained.
         alphas_cumprod: (T,) float64 abar of the run (default: from the scheduler's betas in float64), used by
             preconditioned parameterisations.
+        final: categorical runs: a :class:`FinalDistribution` to receive the probabilities of the last step's
+            predicted distribution (for the soft decode, Eq. 21 with probabilities).
 
     Returns:
         LongTensor (B, h, w, c) on the CPU, values in [0, K_j - 1].
@@ -228,6 +232,10 @@ def generate_latents(
         x = step.prev_sample  # (B, c, h, w) x_{t-1}
 
     z = unit_to_indices(x, sizes).cpu()  # (B, c, h, w) long in [0, K_j - 1]
+    if final is not None:
+        if not param.categorical:
+            raise ValueError("a final distribution exists for categorical runs only")
+        final.probabilities = torch.softmax(choice.last_distribution.logits(param.K), dim=2)  # (B, c, K, h, w)
     if trajectory is not None:
         _fill_trajectory(trajectory, recorded, frames_xt, frames_x0, z, final=0 in keep)
     return z.permute(0, 2, 3, 1).contiguous()  # (B, h, w, c)
@@ -272,6 +280,19 @@ def _check_generate_args(scheduler, param, eta: float, temperature: float, tau: 
 
 
 @dataclass
+class FinalDistribution:
+    """Receives, from :func:`generate_latents`, the categorical distribution of the last reverse step.
+
+    Attributes:
+        probabilities: (B, c, K, h, w) float32, summing to 1 over dim 2 (indices k >= K_j have probability 0);
+            ``codec.decode_soft(probabilities)`` is the expected image E[D(z_0)] under it (Eq. 21 with the
+            probabilities instead of Gumbel-softmax weights).
+    """
+
+    probabilities: torch.Tensor | None = None
+
+
+@dataclass
 class _StepChoice:
     """What the scheduler steps from at each step, and the next self-conditioning estimate when it is not the
     scheduler's x0 (``__call__`` returns both).
@@ -289,6 +310,7 @@ class _StepChoice:
     self_condition_estimate: str
     self_condition: bool
     alphas_cumprod: torch.Tensor
+    last_distribution: object = None  # the categorical distribution of the latest step
 
     def __call__(self, out, x, t, gens, last: bool):
         from mbldm.diffusion.categorical import expected_unit, gumbel_softmax
@@ -299,7 +321,7 @@ class _StepChoice:
             if param.prediction == "epsilon":
                 return out, None
             return param.x0(out, x, t, self.alphas_cumprod).to(x.dtype), None
-        dist = param.distribution(out, x, t, self.alphas_cumprod)
+        dist = self.last_distribution = param.distribution(out, x, t, self.alphas_cumprod)
         if self.estimate == "mean" and not last:
             model_output = dist.mean_unit().to(x.dtype)  # (B, c, h, w) in [-1, 1]
         else:

@@ -29,6 +29,7 @@ from mbldm.diffusion.reverse_process import (
     SAMPLERS,
     TRAJECTORY_T,
     VARIANTS,
+    FinalDistribution,
     Trajectory,
     default_trajectory_t,
     generate_latents,
@@ -171,6 +172,8 @@ def sample(
     trajectory: Sequence[int] | bool | None = None,
     shard: tuple[int, int] | None = None,
     estimate: str | None = None,
+    spacing: str | None = None,
+    decode: str | None = None,
 ) -> dict:
     """Generate images from a training run, decode them with the run's codec and (optionally) write PNGs.
 
@@ -190,6 +193,11 @@ def sample(
             (:func:`sampling_defaults`).
         estimate: categorical runs: "sample" (Eq. 25 at every step, Algorithm 2) or "mean" (the expected index at
             intermediate steps, a sample at ``temperature`` at the last); None: the run's default.
+        spacing: DDIM timesteps, "trailing" (evenly spaced, the first at T-1) or "quadratic" (dense at small t,
+            the last at t = 0; ``schedule.quadratic_timesteps``); None: the run's default.
+        decode: categorical runs: "hard" (the table look-up of the sampled indices) or "soft" (the expected image
+            E[D(z_0)] under the last step's distribution, Eq. 21 with its probabilities; the latents returned are
+            still the sampled indices); None: the run's default.
         refiner: optional refiner directory (``mbldm refiner train``), applied after decoding (§4.2.2).
         use_ema: EMA weights (``RUN/model``, default) or the latest checkpoint's raw weights.
         device: torch device (default cuda if available, else cpu).
@@ -231,10 +239,11 @@ def sample(
         trajectory = default_trajectory_t(T)
     elif trajectory is False:
         trajectory = None
-    temperature, estimate = sampling_defaults(run, temperature, estimate)
+    temperature, estimate, spacing, decode = sampling_defaults(run, temperature, estimate, spacing, decode, sampler)
     param = run.parameterization
     pred = "epsilon" if not param.categorical and param.prediction == "epsilon" else "sample"
-    scheduler = make_scheduler(sampler, T=T, schedule=run.config["beta_schedule"], prediction_type=pred)
+    scheduler = make_scheduler(sampler, T=T, schedule=run.config["beta_schedule"], prediction_type=pred,
+                               spacing=spacing)
     alphas_cumprod = alphas_cumprod_from_betas(make_betas(run.config["beta_schedule"], T))  # as in training
     ref = _load_refiner(refiner, dev)
     out = _open_out_dir(out_dir, overwrite, shard)
@@ -249,11 +258,11 @@ def sample(
     start = time.time()
     batches = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     for chunk in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
-        _sample_batch(generate, run.codec, chunk, seed, trajectory, ref, out, got)
+        _sample_batch(generate, run.codec, chunk, seed, trajectory, ref, out, got, soft=decode == "soft")
     seconds = time.time() - start
 
     summary = _summary(run, run_dir, idx, got, sampler=sampler, steps=S, eta=eta, temperature=temperature,
-                       estimate=estimate,
+                       estimate=estimate, spacing=spacing, decode=decode,
                        seed=seed, use_ema=use_ema, refiner=refiner, num=num, batch_size=batch_size, device=dev,
                        seconds=seconds)
     return _result(summary, idx, got, out, shard, with_raw=ref is not None, with_trajectory=trajectory is not None)
@@ -262,25 +271,36 @@ def sample(
 #: Sampling defaults of categorical runs by run format version: version 1 (the paper's head and loss) samples as
 #: Algorithm 2 (Eq. 25 at gamma = 1 at every step); version 2 runs use the expected index at intermediate steps
 #: and the mode at the last (measured best, BENCHMARKS.md "Generation recipe").
-CATEGORICAL_DEFAULTS = {1: {"temperature": 1.0, "estimate": "sample"},
-                        2: {"temperature": 0.0, "estimate": "mean"}}
+CATEGORICAL_DEFAULTS = {1: {"temperature": 1.0, "estimate": "sample", "spacing": "trailing", "decode": "hard"},
+                        2: {"temperature": 0.0, "estimate": "mean", "spacing": "quadratic", "decode": "hard"}}
 
 
-def sampling_defaults(run: RunModel, temperature: float | None, estimate: str | None) -> tuple[float, str]:
-    """The (temperature, estimate) a sampling call uses: the given values, else the run's defaults.
+def sampling_defaults(run: RunModel, temperature: float | None, estimate: str | None, spacing: str | None = None,
+                      decode: str | None = None, sampler: str = "ddim") -> tuple[float, str, str, str]:
+    """The (temperature, estimate, spacing, decode) a sampling call uses: the given values, else the run's
+    defaults (``CATEGORICAL_DEFAULTS`` by run format version; continuous runs: trailing spacing, hard decode).
 
     Raises:
-        ValueError: a temperature or estimate given for a continuous run (they apply to categorical runs only).
+        ValueError: a temperature, estimate or soft decode given for a continuous run (they apply to categorical
+            runs only); an unknown estimate or decode.
     """
+    from mbldm.diffusion.reverse_process import ESTIMATES
+
+    if decode not in (None, "hard", "soft"):
+        raise ValueError(f"decode must be 'hard' or 'soft', got {decode!r}")
+    if estimate not in (None, *ESTIMATES):
+        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
     if run.variant == "continuous":
-        if temperature is not None or estimate is not None:
-            raise ValueError(f"{run.run_dir}: --temperature and --estimate apply to categorical runs only; this "
-                             "is a continuous run (drop them)")
-        return 1.0, "sample"
+        if temperature is not None or estimate is not None or decode == "soft":
+            raise ValueError(f"{run.run_dir}: --temperature, --estimate and --decode soft apply to categorical runs "
+                             "only; this is a continuous run (drop them)")
+        return 1.0, "sample", spacing or "trailing", "hard"
     version = 2 if int(run.config.get("version", 1)) >= 2 else 1
     defaults = CATEGORICAL_DEFAULTS[version]
+    spacing = spacing or (defaults["spacing"] if sampler == "ddim" else "trailing")
     return (defaults["temperature"] if temperature is None else float(temperature),
-            defaults["estimate"] if estimate is None else estimate)
+            defaults["estimate"] if estimate is None else estimate, spacing,
+            defaults["decode"] if decode is None else decode)
 
 
 def _load_refiner(refiner: str | Path | None, device: torch.device):
@@ -323,13 +343,18 @@ class _Produced:
 
 
 def _sample_batch(generate: Callable, codec, chunk: list[int], seed: int, trajectory: Sequence[int] | None, ref,
-                  out: Path | None, got: _Produced) -> None:
+                  out: Path | None, got: _Produced, soft: bool = False) -> None:
     """Generate, decode (and refine) the images of global indices ``chunk``; keep them in ``got`` or write them."""
     rec = Trajectory(t=trajectory) if trajectory is not None else None
-    z = generate([seed + i for i in chunk], trajectory=rec)
+    final = FinalDistribution() if soft else None
+    z = generate([seed + i for i in chunk], trajectory=rec, final=final)
     z_np = z.numpy().astype(codec.index_dtype)  # (b, h, w, c)
     got.latents.append(z_np)
-    raw = codec.decode(z_np)  # (b, H, W, 3) uint8
+    if soft:  # E[D(z_0)] under the last step's distribution: (b, 3, H, W) in [0, 255] -> uint8 (b, H, W, 3)
+        expected = codec.decode_soft(final.probabilities.to(torch.float32))
+        raw = expected.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    else:
+        raw = codec.decode(z_np)  # (b, H, W, 3) uint8
     imgs = ref.apply(raw) if ref is not None else raw
     if rec is not None:
         got.traj_t = rec.recorded_t
@@ -365,7 +390,8 @@ def _write_batch(out: Path, chunk: list[int], imgs: np.ndarray, raw: np.ndarray 
 
 
 def _summary(run: RunModel, run_dir: str | Path, idx: list[int], got: _Produced, *, sampler: str, steps: int,
-             eta: float, temperature: float, estimate: str, seed: int, use_ema: bool, refiner: str | Path | None,
+             eta: float, temperature: float, estimate: str, spacing: str, decode: str, seed: int, use_ema: bool,
+             refiner: str | Path | None,
              num: int, batch_size: int, device: torch.device, seconds: float) -> dict:
     """What ``samples.json`` holds."""
     h, w, c = _latent_shape(run)
@@ -380,6 +406,8 @@ def _summary(run: RunModel, run_dir: str | Path, idx: list[int], got: _Produced,
         "eta": float(eta) if sampler == "ddim" else None,
         "temperature": float(temperature) if run.variant == "categorical" else None,
         "estimate": estimate if run.variant == "categorical" else None,
+        "spacing": spacing if sampler == "ddim" else None,
+        "decode": decode,
         "seed": int(seed),
         "seed_rule": "image i uses torch.Generator('cpu').manual_seed(seed + i)",
         "use_ema": bool(use_ema),

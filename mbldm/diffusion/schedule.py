@@ -343,6 +343,67 @@ class TrailingDDIMScheduler(_ExactTrailingMixin, DDIMScheduler):
         self._exact_trailing(num_inference_steps, device)
 
 
+SPACINGS = ("trailing", "quadratic")
+
+
+def quadratic_timesteps(T: int, S: int) -> list[int]:
+    """Timesteps t_i = round((T - 1) (i / S)^2), i = S, S-1, ..., 0, descending and distinct.
+
+    The first step is T-1 (pure noise), the last t = 0; steps are dense at small t, where a categorical sampler's
+    final codeword choices are made (the trailing spacing's last step is round(T / S) - 1, e.g. t = 19 for S = 50,
+    where the index noise is still about 10 index steps for K = 256). Rounding can merge the smallest values, so
+    there are at most S + 1 (for T = 1000, S = 50: 47) distinct timesteps.
+
+    Raises:
+        ValueError: S < 1 or S > T.
+    """
+    if S < 1 or S > T:
+        raise ValueError(f"cannot take S={S} steps with T={T} timesteps")
+    return sorted({round((T - 1) * (i / S) ** 2) for i in range(S + 1)}, reverse=True)
+
+
+class QuadraticDDIMScheduler(DDIMScheduler):
+    """DDIM (eta = 0 deterministic) over ``quadratic_timesteps(T, S)``, stepping to the *next visited* timestep.
+
+    diffusers' ``DDIMScheduler.step`` takes the previous timestep as t - T // S, which only fits evenly spaced
+    timesteps; this subclass replaces ``step`` with the same update (DDIM Eq. 12 and 16, diffusers' clip and
+    prediction types) from x_t to x_{t'}, t' the next timestep of the list (x_0 after the last). Per-image
+    generators work as in diffusers (``randn_tensor``).
+    """
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        T = self.config.num_train_timesteps
+        visited = quadratic_timesteps(T, num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = torch.tensor(visited, dtype=torch.int64, device=device)
+        self._next = {t: (visited[i + 1] if i + 1 < len(visited) else -1) for i, t in enumerate(visited)}
+
+    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
+             generator=None, return_dict: bool = True, **_: object):
+        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+        from diffusers.utils.torch_utils import randn_tensor
+
+        t, t_prev = int(timestep), self._next[int(timestep)]
+        abar = self.alphas_cumprod[t]
+        abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
+        if self.config.prediction_type == "epsilon":
+            x0, eps = (sample - (1 - abar).sqrt() * model_output) / abar.sqrt(), model_output
+        elif self.config.prediction_type == "sample":
+            x0 = model_output
+            eps = (sample - abar.sqrt() * x0) / (1 - abar).sqrt()
+        else:  # v_prediction
+            x0 = abar.sqrt() * sample - (1 - abar).sqrt() * model_output
+            eps = abar.sqrt() * model_output + (1 - abar).sqrt() * sample
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        std = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+        prev = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            prev = prev + std * randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                             dtype=model_output.dtype)
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
 class TrailingDDPMScheduler(_ExactTrailingMixin, DDPMScheduler):
     """diffusers ``DDPMScheduler`` whose ``set_timesteps(S)`` visits ``trailing_timesteps(T, S)``.
 
@@ -374,6 +435,7 @@ def make_scheduler(
     clip_sample: bool = True,
     beta_start: float = PAPER_BETA_START,
     beta_end: float = PAPER_BETA_END,
+    spacing: str = "trailing",
 ) -> DDPMScheduler | DDIMScheduler:
     """A diffusers scheduler for the reverse process with the paper's schedule (linear betas 1e-4 .. 0.02, T=1000).
 
@@ -405,6 +467,8 @@ def make_scheduler(
         variance_type: DDPM only (ignored for DDIM).
         clip_sample: clip the x_0 estimate to [-1, 1].
         beta_start, beta_end: linear schedule ends.
+        spacing: DDIM only: ``"trailing"`` (above) or ``"quadratic"`` (:class:`QuadraticDDIMScheduler`, steps
+            dense at small t, ending at t = 0).
 
     Returns:
         a ``TrailingDDPMScheduler`` (a ``DDPMScheduler``) or ``TrailingDDIMScheduler`` (a ``DDIMScheduler``); call
@@ -429,10 +493,15 @@ def make_scheduler(
         prediction_type=prediction_type,
         timestep_spacing="trailing",
     )
+    if spacing not in SPACINGS:
+        raise ValueError(f"make_scheduler: unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if sampler == "ddpm":
+        if spacing != "trailing":
+            raise ValueError("make_scheduler: the ddpm sampler visits every timestep; spacing applies to ddim only")
         return TrailingDDPMScheduler(variance_type=variance_type, **common)
     if sampler == "ddim":
-        return TrailingDDIMScheduler(set_alpha_to_one=True, **common)
+        cls = TrailingDDIMScheduler if spacing == "trailing" else QuadraticDDIMScheduler
+        return cls(set_alpha_to_one=True, **common)
     raise ValueError(f"make_scheduler: unknown sampler {sampler!r}; expected one of {SAMPLERS}")
 
 

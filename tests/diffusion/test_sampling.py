@@ -303,3 +303,46 @@ def test_sample_applies_a_refiner_after_decoding(runs, tmp_path):
     refined = np.stack([load_image(tmp_path / "o" / f"img_{i:06d}.png") for i in range(2)])
     assert np.array_equal(refined, np.minimum(raw.astype(int) + 13, 255))  # round(x + 12.75), clipped
     assert res["summary"]["refiner"] == str(R.resolve())
+
+
+def _make_logistic_run(root, codec: Codec, mixtures: int = 2):
+    """A version-2 categorical run with the logistic-mixture head (c * 3L outputs)."""
+    run = root / "run_logistic"
+    codec.save(run / "codec")
+    cfg = {"variant": "categorical", "preset": "tiny", "latent_shape": list(SHAPE), "num_codewords": K,
+           "timesteps": T, "beta_schedule": "linear", "self_condition": True, "tau": 1.0, "min_snr_gamma": 5.0,
+           "seed": 0, "latents": "none", "version": 2, "head": "logistic", "mixtures": mixtures,
+           "precondition": "none", "nll_weight": 1.0, "eq24_weight": 0.0, "self_condition_estimate": "mean",
+           "codebook_sizes": [K] * C}
+    (run / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    build_unet("tiny", 2 * C, C * 3 * mixtures, SIDE).eval().save_pretrained(run / "model", safe_serialization=True)
+    return run
+
+
+def test_version2_logistic_run_defaults_and_soft_decode(codec, runs, tmp_path):
+    from mbldm.diffusion.reverse_process import FinalDistribution
+    from mbldm.diffusion.run_loading import load_run
+
+    run = _make_logistic_run(tmp_path, codec)
+    res = sample(run, 3, tmp_path / "hard", steps=6, seed=7, batch_size=3, progress=False)
+    s = res["summary"]
+    assert (s["temperature"], s["estimate"], s["spacing"], s["decode"]) == (0.0, "mean", "quadratic", "hard")
+    soft = sample(run, 3, None, steps=6, seed=7, batch_size=3, decode="soft", progress=False)
+    assert np.array_equal(soft["latents"], res["latents"])  # the same reverse process; only the decode differs
+    # the soft images are E[D(z0)] under the last step's distribution, recomputed here through generate_latents
+    loaded = load_run(run)
+    final = FinalDistribution()
+    z = generate_latents(loaded.model, make_scheduler("ddim", T=T, prediction_type="sample", spacing="quadratic"),
+                         [7, 8, 9], SHAPE, K, self_condition=True, steps=6, temperature=0.0, estimate="mean",
+                         parameterization=loaded.parameterization, self_condition_estimate="mean",
+                         alphas_cumprod=_alphas_cumprod(), final=final)
+    assert np.array_equal(z.numpy(), res["latents"])
+    torch.testing.assert_close(final.probabilities.sum(2), torch.ones(3, C, SIDE, SIDE), rtol=0, atol=1e-5)
+    expected = codec.decode_soft(final.probabilities).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(soft["images"], expected)
+    assert not np.array_equal(soft["images"], res["images"] if "images" in res else codec.decode(res["latents"]))
+    with pytest.raises(ValueError, match="categorical runs only"):
+        sample(runs["continuous"], 1, None, steps=2, decode="soft", progress=False)
+    with pytest.raises(ValueError, match="categorical runs only"):
+        sample(runs["continuous"], 1, None, steps=2, temperature=1.0, progress=False)  # issue 11: not silently ok

@@ -277,3 +277,32 @@ def test_self_condition_input():
     assert torch.equal(zero[:, :3], x) and torch.equal(zero[:, 3:], torch.zeros_like(x))
     with pytest.raises(ValueError, match="shape"):
         self_condition_input(x, est[:, :2])
+
+
+def test_quadratic_timesteps_by_hand():
+    from mbldm.diffusion.schedule import quadratic_timesteps
+
+    # T = 1000, S = 4: round(999 * (i / 4)^2) for i = 4..0 = 999, 562, 250, 62, 0
+    assert quadratic_timesteps(1000, 4) == [999, 562, 250, 62, 0]
+    ts = quadratic_timesteps(1000, 50)
+    assert ts[0] == 999 and ts[-1] == 0 and ts == sorted(set(ts), reverse=True) and len(ts) == 50
+    with pytest.raises(ValueError):
+        quadratic_timesteps(10, 11)
+
+
+def test_quadratic_ddim_steps_to_the_next_visited_timestep():
+    """One deterministic step from t to t' (the next listed timestep) is DDIM Eq. 12 with abar_t and abar_t'."""
+    from mbldm.diffusion.schedule import make_scheduler, quadratic_timesteps
+
+    sch = make_scheduler("ddim", T=1000, prediction_type="sample", spacing="quadratic")
+    sch.set_timesteps(4)
+    assert sch.timesteps.tolist() == quadratic_timesteps(1000, 4)
+    g = torch.Generator().manual_seed(0)
+    x, x0 = torch.randn(2, 3, 4, 4, generator=g), torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
+    abar = sch.alphas_cumprod
+    out = sch.step(x0, 562, x)
+    eps = (x - abar[562].sqrt() * x0) / (1 - abar[562]).sqrt()
+    torch.testing.assert_close(out.prev_sample, abar[250].sqrt() * x0 + (1 - abar[250]).sqrt() * eps)
+    torch.testing.assert_close(sch.step(x0, 0, x).prev_sample, x0)  # the last step returns the x0 estimate
+    with pytest.raises(ValueError, match="ddim only"):
+        make_scheduler("ddpm", spacing="quadratic")
